@@ -1,0 +1,1 @@
+"""Lightning callbacks for watching gradient conflict (the conflict monitor, LAPE, silhouette)."""

@@ -1,0 +1,96 @@
+"""The solver interface: a Gram matrix in, one weight per task out.
+
+Every solver here maps the T×T Gram matrix ``G[i, j] = <g_i, g_j>`` of the T
+per-language gradients of one bucket to weights ``w`` such that the bucket's
+update is ``d = sum_t w_t g_t``. No solver ever touches a parameter-sized tensor,
+so the same class serves a 100-element bucket and a whole model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class MOOSolver(ABC):
+    """Base class of all multi-objective solvers.
+
+    Subclasses implement :meth:`weights`. Call the solver (``solver(gram, bucket=..., step=...)``)
+    rather than :meth:`weights` directly: the call validates the Gram matrix, hands ``weights`` a
+    symmetric float64 CPU copy, checks the result and returns it on the Gram's device and dtype.
+
+    Stateful solvers keep what they need between steps in :meth:`bucket_state`, a dict per bucket
+    id; :meth:`state_dict` / :meth:`load_state_dict` carry it through checkpoints.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[Hashable, dict[str, Any]] = {}
+        self.bucket: Hashable = 0
+        self.step: int = 0
+
+    @abstractmethod
+    def weights(self, gram: Tensor) -> Tensor:
+        """Return the T task weights for a symmetric, finite, float64 T×T Gram matrix (CPU)."""
+
+    def neutral_weights(self, num_tasks: int) -> Tensor:
+        """Weights returned when every gradient is zero (the direction is zero whatever they are)."""
+        return torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
+
+    def __call__(self, gram: Tensor, *, bucket: Hashable = 0, step: int = 0) -> Tensor:
+        checked = check_gram(gram)
+        self.bucket, self.step = bucket, step
+        if not bool(checked.diagonal().any()):
+            w = self.neutral_weights(checked.shape[0])
+        else:
+            w = self.weights(checked)
+        w = torch.as_tensor(w, dtype=torch.float64)
+        if w.shape != (checked.shape[0],):
+            raise RuntimeError(
+                f"{type(self).__name__}.weights returned shape {tuple(w.shape)}, expected ({checked.shape[0]},)"
+            )
+        if not bool(torch.isfinite(w).all()):
+            raise RuntimeError(f"{type(self).__name__} produced non-finite weights {w.tolist()} for Gram {checked.tolist()}")
+        out_dtype = gram.dtype if gram.dtype.is_floating_point else torch.float64
+        return w.to(device=gram.device, dtype=out_dtype)
+
+    def bucket_state(self) -> dict[str, Any]:
+        """Mutable state of the bucket being solved (empty dict on first use)."""
+        return self._states.setdefault(self.bucket, {})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buckets": {k: dict(v) for k, v in self._states.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._states = {k: dict(v) for k, v in state["buckets"].items()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in ("bucket", "step"))
+        return f"{type(self).__name__}({args})"
+
+
+def check_gram(gram: Tensor) -> Tensor:
+    """Validate a Gram matrix and return a symmetric float64 CPU copy.
+
+    Raises ``ValueError`` naming the problem for a non-square or empty matrix, non-finite
+    entries (a NaN or overflowing gradient) and a negative diagonal (not a Gram matrix).
+    """
+    if not isinstance(gram, Tensor):
+        gram = torch.as_tensor(gram)
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+        raise ValueError(f"expected a non-empty square T×T Gram matrix, got shape {tuple(gram.shape)}")
+    g = gram.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(g).all()):
+        bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(g))[:, 0]})
+        raise ValueError(
+            f"Gram matrix has non-finite entries (NaN or Inf) in rows {bad}: the gradient of task(s) {bad} "
+            "is NaN/Inf or overflowed. Check those tasks' losses, lower the learning rate, or enable loss "
+            "scaling / gradient clipping; solvers never return NaN weights."
+        )
+    diag = g.diagonal()
+    if bool((diag < 0).any()):
+        raise ValueError(f"Gram matrix has a negative diagonal {diag.tolist()}: squared norms cannot be negative")
+    return 0.5 * (g + g.T)

@@ -1,0 +1,25 @@
+"""Linear scalarization: the weights do not depend on the gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import MOOSolver
+
+
+class Mean(MOOSolver):
+    """Average of the task gradients: exactly what stock data parallelism applies."""
+
+    def weights(self, gram: Tensor) -> Tensor:
+        return self.neutral_weights(gram.shape[0])
+
+
+class Sum(MOOSolver):
+    """Sum of the task gradients."""
+
+    def neutral_weights(self, num_tasks: int) -> Tensor:
+        return torch.ones(num_tasks, dtype=torch.float64)
+
+    def weights(self, gram: Tensor) -> Tensor:
+        return self.neutral_weights(gram.shape[0])
