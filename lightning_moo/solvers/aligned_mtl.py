@@ -1,0 +1,40 @@
+"""Aligned-MTL (Senushkin et al., CVPR 2023): align the gradients' principal components."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .base import MOOSolver
+
+
+class AlignedMTL(MOOSolver):
+    """Replace J by ``σ · U Vᵀ`` (its SVD with all singular values set to one scale ``σ``) and
+    sum the aligned gradients. On the Gram matrix ``G = V Λ Vᵀ`` this is
+    ``w = σ V Λ^{-1/2} Vᵀ 1``; eigenvalues below ``T·eps_f32·λ_max`` count as zero (paper's code).
+
+    Args:
+        scale: ``"min"`` (paper default, σ = the smallest non-zero singular value),
+            ``"median"`` or ``"rmse"`` (root mean of the non-zero eigenvalues).
+    """
+
+    def __init__(self, scale: Literal["min", "median", "rmse"] = "min") -> None:
+        super().__init__()
+        if scale not in ("min", "median", "rmse"):
+            raise ValueError(f"AlignedMTL scale must be 'min', 'median' or 'rmse', got {scale!r}")
+        self.scale = scale
+
+    def weights(self, gram: Tensor) -> Tensor:
+        T = gram.shape[0]
+        lam, V = torch.linalg.eigh(gram)
+        tol = lam.max() * T * torch.finfo(torch.float32).eps
+        keep = lam > tol
+        lam, V = lam[keep], V[:, keep]
+        sigma = {
+            "min": lam.min().sqrt(),
+            "median": lam.median().sqrt(),
+            "rmse": lam.mean().sqrt(),
+        }[self.scale]
+        return sigma * (V @ ((V.T @ torch.ones(T, dtype=gram.dtype)) / lam.sqrt()))

@@ -1,0 +1,57 @@
+"""UPGrad and DualProj (Quinton & Rey, 2024): projections onto the dual cone of the gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import MOOSolver
+from .qp import nnls_gram, scale_of
+
+
+def project_onto_dual_cone(G: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Weights ``v`` with ``Jᵀv`` the projection of ``Jᵀu`` onto the dual cone ``{x : Jx ≥ 0}``.
+
+    By duality ``v = argmin_{v ≥ u} vᵀGv``; with ``v = u + y`` this is an NNLS in ``y``.
+    The result has ``Gv ≥ 0``: the projected direction conflicts with no gradient.
+    """
+    G = G / scale_of(G)
+    return u + nnls_gram(G, G @ u)
+
+
+class UPGrad(MOOSolver):
+    """Unconflicting Projection of Gradients: project every gradient onto the dual cone and
+    average the projections (``pref`` weights them; default uniform ``1/T``)."""
+
+    def __init__(self, pref: list[float] | None = None) -> None:
+        super().__init__()
+        self.pref = pref
+
+    def weights(self, gram: Tensor) -> Tensor:
+        G = gram.numpy()
+        T = G.shape[0]
+        pref = _preference(self.pref, T)
+        w = sum(p * project_onto_dual_cone(G, np.eye(T)[i]) for i, p in enumerate(pref))
+        return torch.from_numpy(np.asarray(w, dtype=np.float64))
+
+
+class DualProj(MOOSolver):
+    """Project the (``pref``-weighted, default mean) combination onto the dual cone."""
+
+    def __init__(self, pref: list[float] | None = None) -> None:
+        super().__init__()
+        self.pref = pref
+
+    def weights(self, gram: Tensor) -> Tensor:
+        G = gram.numpy()
+        return torch.from_numpy(project_onto_dual_cone(G, _preference(self.pref, G.shape[0])))
+
+
+def _preference(pref: list[float] | None, T: int) -> np.ndarray:
+    if pref is None:
+        return np.full(T, 1.0 / T)
+    p = np.asarray(pref, dtype=np.float64)
+    if p.shape != (T,) or (p < 0).any():
+        raise ValueError(f"pref must be {T} non-negative numbers (one per task), got {pref}")
+    return p

@@ -1,0 +1,219 @@
+"""Properties every solver's weights must have, on many random and degenerate Gram matrices."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.optimize import minimize, minimize_scalar
+
+from lightning_moo.solvers import MGDA, AlignedMTL, CAGrad, DualProj, IMTLG, Mean, NashMTL, PCGrad, Sum, UPGrad
+
+from jacobians import jacobians, nonzero
+
+ALL = [Mean, Sum, MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL]
+
+
+def solve(solver, G: np.ndarray) -> np.ndarray:
+    return solver(torch.from_numpy(G)).numpy()
+
+
+def same_direction(G: np.ndarray, w1: np.ndarray, w2: np.ndarray, rtol: float) -> bool:
+    """Whether Jᵀw1 == Jᵀw2: ‖Jᵀ(w1 − w2)‖² = ΔᵀGΔ, compared with the scale of the directions."""
+    delta = w1 - w2
+    scale = np.max(np.diag(G)) * max(np.abs(w1).sum(), np.abs(w2).sum(), 1.0) ** 2
+    return float(delta @ G @ delta) <= rtol * scale
+
+
+@pytest.mark.parametrize("cls", ALL)
+@given(J=jacobians())
+def test_weights_are_finite_with_one_per_task(cls, J):
+    w = solve(cls(), J @ J.T)
+    assert w.shape == (J.shape[0],) and np.isfinite(w).all()
+
+
+@pytest.mark.parametrize("cls", ALL)
+@given(J=jacobians(scales=False), data=st.data())
+def test_permutation_equivariance(cls, J, data):
+    """Permuting the tasks permutes the direction's task coordinates (PCGrad: only for T = 2,
+    where the random order cannot matter)."""
+    T = J.shape[0]
+    assume(cls is not PCGrad or T <= 2)
+    perm = np.array(data.draw(st.permutations(range(T))))
+    G = J @ J.T
+    w = solve(cls(), G)
+    w_perm = solve(cls(), G[np.ix_(perm, perm)])
+    assert same_direction(G[np.ix_(perm, perm)], w[perm], w_perm, 1e-9)
+
+
+@pytest.mark.parametrize("cls", ALL)
+@given(J=jacobians(scales=False), exponent=st.integers(-20, 20))
+def test_scale_invariance_of_the_direction_shape(cls, J, exponent):
+    """Scaling every gradient by a > 0 scales the direction by a: same weights."""
+    G = J @ J.T
+    w = solve(cls(), G)
+    w_scaled = solve(cls(), G * 10.0**exponent)
+    assert same_direction(G, w, w_scaled, 1e-9)
+
+
+@pytest.mark.parametrize(
+    "make, max_tasks",
+    [(MGDA, 8), (UPGrad, 8), (DualProj, 8), (lambda: PCGrad(seed=3), 2), (lambda: CAGrad(c=1.0), 8), (lambda: CAGrad(c=2.0), 8)],
+    ids=["MGDA", "UPGrad", "DualProj", "PCGrad-T2", "CAGrad-c1", "CAGrad-c2"],
+)
+@given(data=st.data())
+def test_no_conflict(make, max_tasks, data):
+    """⟨g_t, d⟩ ≥ 0 for every task, for the methods that guarantee it."""
+    J = data.draw(jacobians(max_tasks=max_tasks))
+    G = J @ J.T
+    w = solve(make(), G)
+    inner = G @ w  # ⟨g_t, d⟩
+    assert inner.min() >= -1e-9 * np.max(np.diag(G)) * max(np.abs(w).sum(), 1.0)
+
+
+@given(J=jacobians())
+def test_mgda_kkt_conditions(J):
+    """w is on the simplex; ⟨g_t, d⟩ ≥ ‖d‖² for all t, with equality on the support."""
+    assume(nonzero(J))
+    G = J @ J.T
+    w = solve(MGDA(), G)
+    s = np.max(np.diag(G))
+    assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
+    norm2, inner = w @ G @ w, G @ w
+    assert inner.min() >= norm2 - 1e-6 * s
+    assert (inner[w > 1e-9] <= norm2 + 1e-6 * s).all()
+
+
+def brute_force_min_norm(G: np.ndarray) -> float:
+    """min wᵀGw over the simplex by enumerating every support: on a support S the minimiser of the
+    affine hull solves the KKT system [[G_SS, 1], [1ᵀ, 0]]; keep feasible ones, take the best."""
+    T, best = G.shape[0], np.inf
+    for k in range(1, T + 1):
+        for S in map(list, itertools.combinations(range(T), k)):
+            K = np.zeros((k + 1, k + 1))
+            K[:k, :k], K[:k, k], K[k, :k] = G[np.ix_(S, S)], 1, 1
+            sol = np.linalg.lstsq(K, np.r_[np.zeros(k), 1.0], rcond=None)[0][:k]
+            if (sol >= -1e-12).all() and abs(sol.sum() - 1) < 1e-9:
+                w = np.zeros(T)
+                w[S] = sol
+                best = min(best, float(w @ G @ w))
+    return best
+
+
+@given(J=jacobians(max_tasks=6))
+def test_mgda_matches_brute_force_over_supports(J):
+    assume(nonzero(J))
+    G = J @ J.T
+    w = solve(MGDA(), G)
+    # 1e-7: nearly parallel gradients (1e-7 apart) leave rounding-level ties in the support.
+    assert w @ G @ w <= brute_force_min_norm(G) + 1e-7 * np.max(np.diag(G))
+
+
+@given(J=jacobians(scales=False))
+def test_mgda_l2_normalization_solves_on_unit_gradients(J):
+    """MGDA(l2) weights divided back are MGDA weights of the unit gradients: ‖Σ v_t u_t‖ minimal."""
+    norms = np.linalg.norm(J, axis=1)
+    assume((norms > 1e-6).all())
+    U = J / norms[:, None]
+    w = solve(MGDA("l2"), J @ J.T)
+    v = w * norms
+    assert abs(v.sum() - 1) < 1e-9 and (v >= 0).all()
+    Gu = U @ U.T
+    if J.shape[0] <= 6:
+        assert v @ Gu @ v <= brute_force_min_norm(Gu) + 1e-7
+    else:
+        assert (Gu @ v).min() >= v @ Gu @ v - 1e-6
+
+
+def cagrad_primal(G: np.ndarray, w: np.ndarray, c: float) -> float:
+    """CAGrad's objective F(w) = ⟨g_w, g0⟩ + c‖g0‖‖g_w‖ for simplex weights w."""
+    T = G.shape[0]
+    mean = np.full(T, 1 / T)
+    return float(w @ G @ mean + c * np.sqrt(max(mean @ G @ mean, 0)) * np.sqrt(max(w @ G @ w, 0)))
+
+
+def cagrad_reference_minimum(G: np.ndarray, c: float) -> float:
+    """min of the convex F over the simplex, face by face: vertices, every edge by bounded Brent,
+    and (T = 3) the interior by Nelder–Mead started from the best point of a grid."""
+    T = G.shape[0]
+    eye = np.eye(T)
+    best = min(cagrad_primal(G, e, c) for e in eye)
+    for i, j in itertools.combinations(range(T), 2):
+        res = minimize_scalar(lambda a: cagrad_primal(G, a * eye[i] + (1 - a) * eye[j], c),
+                              bounds=(0, 1), method="bounded", options={"xatol": 1e-13})
+        best = min(best, float(res.fun))
+    if T == 3:
+        steps = 200
+        grid = np.array([(a, b, steps - a - b) for a in range(steps + 1) for b in range(steps + 1 - a)]) / steps
+        mean = np.full(T, 1 / T)
+        values = grid @ G @ mean + c * np.sqrt(mean @ G @ mean) * np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", grid, G, grid), 0))
+        start = grid[int(np.argmin(values))][:2]
+
+        def interior(x: np.ndarray) -> float:
+            w = np.array([x[0], x[1], 1 - x[0] - x[1]])
+            return cagrad_primal(G, w, c) if (w >= 0).all() else np.inf
+
+        res = minimize(interior, start, method="Nelder-Mead", options={"xatol": 1e-13, "fatol": 1e-15, "maxiter": 4000})
+        best = min(best, float(res.fun), float(values.min()))
+    return best
+
+
+@pytest.mark.parametrize("T", [2, 3])
+@pytest.mark.parametrize("c", [0.2, 0.5, 0.9, 1.5])
+@given(data=st.data())
+def test_cagrad_direction_is_optimal_for_the_dual_problem(T, c, data):
+    """Strong duality certificate: d (rescale=0) lies in the ball ‖d − g0‖ ≤ c‖g0‖ and
+    min_t ⟨g_t, d⟩ equals the primal minimum F* = min_w ⟨g_w, g0⟩ + c‖g0‖‖g_w‖, which no d in the
+    ball can exceed. F* comes from an independent grid + SciPy search."""
+    J = data.draw(jacobians(min_tasks=T, max_tasks=T, max_dim=4, well_posed=True))
+    G = J @ J.T
+    s = np.max(np.diag(G))
+    mean = np.full(T, 1 / T)
+    assume(mean @ G @ mean > 0)
+    w = solve(CAGrad(c=c, rescale=0), G)
+    radius = c * np.sqrt(mean @ G @ mean)
+    offset = w - mean
+    assert np.sqrt(max(offset @ G @ offset, 0)) <= radius * (1 + 1e-7) + 1e-9 * np.sqrt(s)
+    assert (G @ w).min() >= cagrad_reference_minimum(G, c) - 1e-7 * s
+
+
+@given(J=jacobians(min_tasks=1, max_tasks=8, scales=False))
+def test_nash_mtl_bargaining_condition(J):
+    """Away from Pareto stationarity: α > 0 and (Gα)_t α_t = 1 on the Frobenius-normalised Gram."""
+    G = J @ J.T
+    w_mgda = solve(MGDA(), G)
+    assume(nonzero(J) and w_mgda @ G @ w_mgda > 1e-6 * np.max(np.diag(G)))
+    alpha = solve(NashMTL(), G)
+    Gn = G / np.linalg.norm(G)
+    assert (alpha > 0).all()
+    np.testing.assert_allclose((Gn @ alpha) * alpha, 1.0, rtol=1e-8)
+
+
+@given(data=st.data())
+def test_imtlg_equal_projections_on_unit_gradients(data):
+    """Full-rank Gram: Σ w = 1 and ⟨d, g_t/‖g_t‖⟩ is the same for every task."""
+    T = data.draw(st.integers(2, 6))
+    J = data.draw(arrays(np.float64, (T, T + data.draw(st.integers(0, 3))), elements=st.floats(-10, 10)))
+    G = J @ J.T
+    assume(np.linalg.cond(G) < 1e8)
+    w = solve(IMTLG(), G)
+    proj = (G @ w) / np.sqrt(np.diag(G))
+    assert abs(w.sum() - 1) < 1e-9
+    np.testing.assert_allclose(proj, proj[0], rtol=1e-6, atol=1e-9 * np.sqrt(np.max(np.diag(G))))
+
+
+def test_pcgrad_orders_are_reproducible_and_depend_on_step_and_bucket():
+    a, b = PCGrad(seed=1), PCGrad(seed=1)
+    G = torch.eye(5, dtype=torch.float64)
+    a(G, bucket=3, step=7)
+    b(G, bucket=3, step=7)
+    assert a.orders(5) == b.orders(5)
+    b(G, bucket=4, step=7)
+    c = PCGrad(seed=1)
+    c(G, bucket=3, step=8)
+    assert a.orders(5) != b.orders(5) and a.orders(5) != c.orders(5)
