@@ -35,8 +35,12 @@ class NashMTL(MOOSolver):
 
     def weights(self, gram: Tensor) -> Tensor:
         state = self.bucket_state()
-        fresh = len(state.get("weights", ())) == gram.shape[0] and self.step - state["step"] < self.update_weights_every
-        if fresh:
+        reuse = (
+            self.update_weights_every > 1
+            and len(state.get("weights", ())) == gram.shape[0]
+            and self.step - state["step"] < self.update_weights_every
+        )
+        if reuse:
             return torch.tensor(state["weights"], dtype=torch.float64)
         w = _nash_weights(gram.numpy())
         state.update(step=self.step, weights=w.tolist())

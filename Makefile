@@ -1,0 +1,23 @@
+# One command for the demo, one for the tests. Both create .venv on first use, installing the
+# CPU build of torch first so that no CUDA build is downloaded.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench
+
+$(VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/installed
+	$(PY) -m lightning_moo.showcase
+
+test: $(VENV)/installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/installed
+	$(PY) benchmarks/solver_speed.py --out benchmarks/results/solver_speed_cpu.md
