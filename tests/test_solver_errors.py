@@ -67,8 +67,8 @@ def test_user_solver_and_builtin_solvers_from_yaml_class_path():
     parser = ArgumentParser()
     parser.add_argument("--solver", type=MOOSolver)
     cfg = parser.parse_string(f"solver:\n  class_path: {__name__}.ScaledMean\n  init_args:\n    factor: 3.0\n")
-    solver = parser.instantiate_classes(cfg).solver
+    solver = parser.instantiate(cfg).solver
     assert isinstance(solver, ScaledMean)
     assert torch.allclose(solver(torch.eye(3)), torch.ones(3))
     cfg = parser.parse_args(["--solver=CAGrad", "--solver.c=0.4"])
-    assert parser.instantiate_classes(cfg).solver.c == 0.4
+    assert parser.instantiate(cfg).solver.c == 0.4

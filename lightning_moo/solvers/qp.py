@@ -68,7 +68,8 @@ def _descend(Q: np.ndarray, q: np.ndarray, u: np.ndarray, passive: np.ndarray) -
     z = _solve_on(Q, q, passive)
     while not (z[passive] > 0).all():
         idx = np.flatnonzero(passive & (z <= 0))
-        steps = u[idx] / (u[idx] - z[idx])
+        gap = u[idx] - z[idx]
+        steps = np.divide(u[idx], gap, out=np.zeros_like(gap), where=gap > 0)  # u = z = 0: drop at once
         alpha = float(steps.min())
         u = u + alpha * (z - u)
         passive[idx[steps <= alpha]] = False
@@ -88,8 +89,9 @@ def _decreases(Q: np.ndarray, q: np.ndarray, old: np.ndarray, new: np.ndarray) -
     step = new - old
     grad = Q @ old + q
     linear, quadratic = float(step @ grad), 0.5 * float(step @ Q @ step)
-    grad_noise = 10 * q.shape[0] * _EPS * (float(np.abs(q).max()) + float(np.abs(Q).max()) * float(np.abs(old).sum()))
-    noise = grad_noise * float(np.abs(step).sum()) + 4 * _EPS * (abs(linear) + abs(quadratic))
+    # Rounding bound of each gradient entry, weighted by how far that coordinate moves.
+    grad_noise = 10 * q.shape[0] * _EPS * (np.abs(Q) @ np.abs(old) + np.abs(q))
+    noise = float(np.abs(step) @ grad_noise) + 4 * _EPS * (abs(linear) + abs(quadratic))
     return linear + quadratic < -noise
 
 
