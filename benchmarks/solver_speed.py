@@ -73,9 +73,11 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
     t_gram = median_time(lambda: gram(grads), repeats, sync)
     t_comb = median_time(lambda: combine(weights, grads, out=out), repeats, sync)
     t_both = median_time(lambda: combine(MGDA()(gram(grads)), grads, out=out), repeats, sync)
+    t_gemm = median_time(lambda: grads @ grads.T, repeats, sync)
     header = ["operation", "time (ms)", "× stock mean"]
     rows = [
         ["stock: mean of T gradients", f"{1e3 * stock:.2f}", "1.00"],
+        ["one plain GEMM grads @ grads.T (reference)", f"{1e3 * t_gemm:.2f}", f"{t_gemm / stock:.2f}"],
         ["Gram matrix (T×T)", f"{1e3 * t_gram:.2f}", f"{t_gram / stock:.2f}"],
         ["combine Σ w_t g_t", f"{1e3 * t_comb:.2f}", f"{t_comb / stock:.2f}"],
         ["Gram + MGDA + combine", f"{1e3 * t_both:.2f}", f"{t_both / stock:.2f}"],

@@ -42,3 +42,11 @@ def test_shape_errors():
         kernels.gram(torch.ones(3))
     with pytest.raises(ValueError, match="do not match"):
         kernels.combine(torch.ones(3), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("n", [64, 100, 129])
+def test_split_k_gram_matches_float64(n, monkeypatch):
+    """The CUDA split-K path's arithmetic (strided block views + tail), run on the CPU."""
+    monkeypatch.setattr(kernels, "_SPLIT_K_BLOCK", 16)
+    g = torch.randn(5, n, dtype=torch.float64)
+    torch.testing.assert_close(kernels._gram_split_k(g), g @ g.T)
