@@ -215,3 +215,26 @@ def test_pcgrad_orders_are_reproducible_and_depend_on_step_and_bucket():
     c = PCGrad(seed=1)
     c(G, bucket=3, step=8)
     assert a.orders(5) != b.orders(5) and a.orders(5) != c.orders(5)
+
+
+@pytest.mark.parametrize("T", [16, 32, 64])
+@pytest.mark.parametrize("rank", ["full", "deficient", "ill-conditioned"])
+@pytest.mark.parametrize("seed", range(3))
+def test_mgda_kkt_for_many_tasks(T, rank, seed):
+    """Up to 64 languages: KKT conditions to 1e-6 of the scale on full-rank, rank-deficient
+    (T gradients in T/4 dimensions) and ill-conditioned (singular values 1 … 1e-8) Grams."""
+    rng = np.random.default_rng(seed)
+    if rank == "deficient":
+        J = rng.normal(size=(T, T // 4))
+    else:
+        U, _ = np.linalg.qr(rng.normal(size=(T, T)))
+        V, _ = np.linalg.qr(rng.normal(size=(2 * T, T)))
+        sv = np.ones(T) if rank == "full" else np.logspace(0, -8, T)
+        J = (U * sv) @ V.T + (0.5 if rank == "full" else 0.0) * rng.normal(size=(1, 2 * T))
+    G = J @ J.T
+    w = solve(MGDA(), G)
+    s = np.max(np.diag(G))
+    norm2, inner = w @ G @ w, G @ w
+    assert (w >= 0).all() and abs(w.sum() - 1) < 1e-12
+    assert inner.min() >= norm2 - 1e-6 * s
+    assert (inner[w > 1e-9] <= norm2 + 1e-6 * s).all()
