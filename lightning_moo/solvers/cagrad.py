@@ -30,9 +30,10 @@ class CAGrad(MOOSolver):
     When the minimiser is ``g_w = 0`` (e.g. ``c ≥ 1`` and zero in the hull) the optimal ``d`` of the
     dual problem ``max_{‖d − g0‖ ≤ c‖g0‖} min_t ⟨g_t, d⟩`` is not unique; we return the one closest
     to ``g0``: its projection onto the cone ``{d : ⟨g_t, d⟩ ≥ 0 ∀t}`` (equal to ``g0`` when nothing
-    conflicts with it, as in the paper's code). A minimiser shorter than 1e-8 of the longest
-    gradient, or whose squared norm is within 1e4 rounding errors of the Gram entries it is
-    computed from, counts as zero: its direction cannot be resolved.
+    conflicts with it, as in the paper's code). ``‖g_w‖`` is resolved to a relative 1e-4 when it
+    comes from cancelling long gradients (the Gram holds its square to 1e-16 of theirs); a
+    minimiser shorter than 1e-6 of the longest gradient, or whose squared norm is within 1e4
+    rounding errors of the Gram entries it is computed from, counts as zero.
     """
 
     def __init__(self, c: float = 0.5, rescale: int = 1) -> None:
@@ -51,7 +52,10 @@ class CAGrad(MOOSolver):
         r = self.c * float(np.sqrt(max(mean @ G @ mean, 0.0)))  # c‖g0‖
         w = mean
         if r > 0:
-            s, proj = _cagrad_fixed_point(G, r)
+            # c ≥ 1 and zero in the hull: F(x) ≥ (c − 1)‖g0‖‖x‖ ≥ 0 = F(0), so g_w = 0 exactly.
+            w_min = min_norm_weights(G)
+            stationary = self.c >= 1 and w_min @ G @ w_min <= 64 * T * _EPS
+            s, proj = (0.0, None) if stationary else _cagrad_fixed_point(G, r)
             # g_w = 0: every d in the ball with no conflict is optimal; take the closest to g0.
             w = mean + (r / s) * proj if s > 0 else project_onto_dual_cone(G, mean)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
@@ -85,10 +89,10 @@ def _cagrad_fixed_point(G: np.ndarray, r: float) -> tuple[float, np.ndarray]:
     if ratio_minus_one(hi)[0] >= 0:
         return hi, _projection_weights(G, hi, r)
     # ‖x(s)‖/s is non-increasing: walk down in decades until it exceeds one, then bracket. Below
-    # 1e-8·hi (float32 resolution of the gradients themselves) the minimiser counts as zero;
-    # there ‖x(s)‖/s is constant when zero is a vertex of the hull, and only rounding moves it.
+    # 1e-6·hi the shifted Gram (O(1) entries, shift O(s)) no longer resolves the projection
+    # (its norm is known to ~1e-8·hi), so the minimiser counts as zero there.
     upper = hi
-    for _ in range(8):
+    for _ in range(6):
         lower = upper / 10
         value, resolved = ratio_minus_one(lower)
         if not resolved:

@@ -66,7 +66,7 @@ def _nash_weights(gram: np.ndarray, max_iter: int = 1000) -> np.ndarray:
         grad = G @ alpha - 1.0 / alpha
         # Relative residual of (Gα)_t α_t = 1; its floor is rounding times cond(G), so also stop
         # once it has stalled for 10 steps at a level that still pins α to 1e-5.
-        residual = float(np.max(np.abs(grad * alpha)))
+        residual = _residual(G, alpha)
         if residual <= 1e-10:
             return alpha
         best, stalled = (residual, 0) if residual < 0.5 * best else (best, stalled + 1)
@@ -82,9 +82,19 @@ def _nash_weights(gram: np.ndarray, max_iter: int = 1000) -> np.ndarray:
         if neg.any():
             t = min(1.0, 0.99 * float(np.min(-alpha[neg] / step[neg])))
         f0, slope = objective(alpha), float(grad @ step)
-        # Near the optimum (small Newton decrement −slope) the full step is quadratically
-        # convergent and the objective's rounding would defeat the Armijo test.
-        while -slope > 1e-10 and objective(alpha + t * step) > f0 + 1e-4 * t * slope and t > 1e-16:
+
+        def accepted(t: float) -> bool:
+            # Armijo on the objective, or — where α is large and the objective's rounding hides
+            # the decrease — a smaller residual of the optimality condition.
+            trial = alpha + t * step
+            return objective(trial) <= f0 + 1e-4 * t * slope or _residual(G, trial) < residual
+
+        while not accepted(t) and t > 1e-16:
             t *= 0.5
         alpha = alpha + t * step
     raise RuntimeError(f"Nash-MTL Newton iteration did not converge in {max_iter} steps")
+
+
+def _residual(G: np.ndarray, alpha: np.ndarray) -> float:
+    """Relative residual of the bargaining condition (Gα)_t α_t = 1."""
+    return float(np.max(np.abs((G @ alpha) * alpha - 1.0)))

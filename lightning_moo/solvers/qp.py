@@ -103,7 +103,12 @@ def _solve_on(Q: np.ndarray, q: np.ndarray, passive: np.ndarray) -> np.ndarray:
     z = np.zeros(q.shape[0])
     idx = np.flatnonzero(passive)
     if idx.size:
-        z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], -q[idx], rcond=None)[0]
+        # Jacobi scaling to a unit diagonal first: gradients whose norms differ by orders of
+        # magnitude make Q badly scaled (not nearly singular), and the least-squares cutoff
+        # would otherwise drop the small ones' directions.
+        d = 1.0 / np.sqrt(np.maximum(np.diag(Q)[idx], np.finfo(np.float64).tiny))
+        A = Q[np.ix_(idx, idx)] * d[:, None] * d[None, :]
+        z[idx] = d * np.linalg.lstsq(A, -q[idx] * d, rcond=None)[0]
     return z
 
 
