@@ -1,0 +1,151 @@
+"""How the T languages' gradients of one bucket meet: two exchanges behind one interface.
+
+Rank t holds language t's flat gradient of a bucket. An exchange replaces the elements this rank
+owns (see :class:`~lightning_moo.buckets.Segment`) by ``sum_t w_t g_t``, where ``w = solve(G)``
+and ``G`` is the T×T Gram matrix of the bucket's T gradients. Every rank sees the same ``G`` and
+``w``. Elements owned by other ranks may be left as they were: DeepSpeed keeps only its own
+partition of a reduced bucket.
+
+- :class:`AllGatherExchange` (the paper's way, the reference): every rank gathers the whole bucket
+  of every language, so it sends (T-1)× the bucket and holds T buckets at once.
+- :class:`ShardedExchange` (default): an all-to-all hands rank r the r-th 1/N slice of the bucket
+  from every language (the volume of a reduce-scatter), partial Grams are summed by an all-reduce
+  of T×T numbers, rank r combines its slice, and a second all-to-all sends the combined elements
+  to the ranks that own them (at most 1/N of the bucket). Together no more than the all-reduce
+  of stock data parallelism; a reused workspace of about 1 + 1/N buckets; the work is balanced
+  over the ranks.
+  Inner products split over disjoint slices, so ``G`` is the same up to rounding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .buckets import Segment, even_segments
+from .gram import combine, gram
+
+Solve = Callable[[Tensor], Tensor]
+
+
+class Exchange(ABC):
+    """Reduce one bucket: ``reduce(tensor, segments, solve, group) -> (gram, weights)``."""
+
+    @abstractmethod
+    def reduce(self, tensor: Tensor, segments: Sequence[Segment], solve: Solve, group=None) -> tuple[Tensor, Tensor]:
+        """Overwrite this rank's segments of ``tensor`` with the solver's combination; return ``(G, w)``."""
+
+    def gram(self, tensor: Tensor, group=None) -> Tensor:
+        """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
+        _, partial = _gather_slices(tensor, even_segments(tensor.numel(), dist.get_world_size(group)), group)
+        dist.all_reduce(partial, group=group)
+        return partial
+
+
+class AllGatherExchange(Exchange):
+    """Every rank gathers the whole bucket from every language and solves on its own."""
+
+    def reduce(self, tensor: Tensor, segments: Sequence[Segment], solve: Solve, group=None) -> tuple[Tensor, Tensor]:
+        world = dist.get_world_size(group)
+        # gloo's all_gather_into_tensor wants one flat output of world × n elements.
+        flat = tensor.new_empty(world * tensor.numel())
+        dist.all_gather_into_tensor(flat, tensor.contiguous(), group=group)
+        grads = flat.view(world, tensor.numel())
+        g = gram(grads)
+        w = solve(g)
+        combine(w, grads, out=tensor)
+        return g, w
+
+
+class ShardedExchange(Exchange):
+    """Even slices to every rank, partial Grams, an all-reduce of T×T numbers, combined slices to their owners."""
+
+    def __init__(self) -> None:
+        # One workspace reused by every bucket: fresh buffers per bucket leave the CPU allocator
+        # holding far more than one bucket of freed memory.
+        self._workspace: Tensor | None = None
+
+    def reduce(self, tensor: Tensor, segments: Sequence[Segment], solve: Solve, group=None) -> tuple[Tensor, Tensor]:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # Even slices, not DeepSpeed's partitions: a bucket often lies inside one rank's partition,
+        # and that rank would then receive all T copies of it and solve alone.
+        slices = even_segments(tensor.numel(), world)
+        m = slices[rank].length
+        # Layout: [received T×m slices, later reused for the second all-to-all | combined slice].
+        scratch_len = max(world * m, tensor.numel())
+        work = self._buffer(scratch_len + m, tensor)
+        scratch, combined = work[:scratch_len], work[scratch_len:]
+        mine, g = _gather_slices(tensor, slices, group, out=scratch[: world * m].view(world, m))
+        dist.all_reduce(g, group=group)
+        w = solve(g)
+        combine(w, mine, out=combined)
+        _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
+        return g, w
+
+    def _buffer(self, numel: int, like: Tensor) -> Tensor:
+        ws = self._workspace
+        if ws is None or ws.numel() < numel or ws.dtype != like.dtype or ws.device != like.device:
+            self._workspace = ws = like.new_empty(numel)
+        return ws[:numel]
+
+
+def _send_to_owners(
+    tensor: Tensor, combined: Tensor, slices: Sequence[Segment], segments: Sequence[Segment], rank: int, group, scratch: Tensor
+) -> None:
+    """Second all-to-all: each rank's combined slice goes to the owners of its elements.
+
+    Senders and receivers both walk ``segments`` in order, so the pieces arrive in the order the
+    receiver expects them.
+    """
+    world = len(slices)
+    lo, hi = slices[rank].start, slices[rank].start + slices[rank].length
+    outgoing: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    incoming: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    for seg in segments:
+        end = seg.start + seg.length
+        if max(seg.start, lo) < min(end, hi):
+            outgoing[seg.owner].append((max(seg.start, lo) - lo, min(end, hi) - max(seg.start, lo)))
+        if seg.owner == rank:
+            for source, sl in enumerate(slices):
+                a, b = max(seg.start, sl.start), min(end, sl.start + sl.length)
+                if a < b:
+                    incoming[source].append((a, b - a))
+    send_sizes = [sum(n for _, n in pieces) for pieces in outgoing]
+    recv_sizes = [sum(n for _, n in pieces) for pieces in incoming]
+    pieces = [piece for per_owner in outgoing for piece in per_owner]
+    if all(a + n == b for (a, n), (b, _) in zip(pieces, pieces[1:])):
+        send = combined[pieces[0][0] : pieces[0][0] + sum(send_sizes)] if pieces else combined[:0]
+    else:
+        send = torch.cat([combined[a : a + n] for a, n in pieces])
+    recv = scratch[: sum(recv_sizes)]
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+    offset = 0
+    for start, n in (piece for per_source in incoming for piece in per_source):
+        tensor[start : start + n].copy_(recv[offset : offset + n])
+        offset += n
+
+
+def _gather_slices(tensor: Tensor, slices: Sequence[Segment], group, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """All-to-all: rank r receives slice r of every rank's ``tensor``, as a T×m matrix.
+
+    Returns that matrix and its (not yet all-reduced) partial Gram.
+    """
+    world, rank = len(slices), dist.get_rank(group)
+    m = slices[rank].length
+    mine = tensor.new_empty(world, m) if out is None else out
+    dist.all_to_all_single(mine.view(-1), tensor, [m] * world, [s.length for s in slices], group=group)
+    return mine, gram(mine)
+
+
+EXCHANGES: dict[str, type[Exchange]] = {"allgather": AllGatherExchange, "sharded": ShardedExchange}
+
+
+def make_exchange(name: str) -> Exchange:
+    try:
+        return EXCHANGES[name]()
+    except KeyError:
+        raise ValueError(f"unknown exchange {name!r}; choose one of {sorted(EXCHANGES)}") from None

@@ -1,0 +1,200 @@
+"""BucketMOOStrategy: DeepSpeed ZeRO-1/2 where every gradient bucket is combined by a MOO solver."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from ..buckets import BucketInfo, ParamRange
+from ..exchange import make_exchange
+from ..solvers import MGDA, Mean, MOOSolver, Sum
+from .deepspeed import StockDeepSpeedStrategy
+from .zero_hook import ZeroBucketHook
+
+Mode = Literal["bucket", "global", "global_two_pass"]
+# Weights that do not depend on the gradients: combining each micro-step's gradients equals
+# combining their sum, so these may see ZeRO-2's per-micro-step reductions.
+_LINEAR_SOLVERS = (Mean, Sum)
+_SOLVER_STATE = "bucket_moo_solver"
+
+
+class BucketMOOStrategy(StockDeepSpeedStrategy):
+    """DeepSpeed ZeRO stage 1 or 2 with one rank per language and a MOO solver per gradient bucket.
+
+    Rank t trains language t. Where stock data parallelism averages the languages' gradients of a
+    bucket, this applies ``sum_t w_t g_t`` with ``w = solver(G)``, ``G`` the bucket's T×T Gram
+    matrix. Loss scaling, clipping (of the combined gradient), overlap_comm and checkpoints stay
+    DeepSpeed's.
+
+    Args:
+        solver: any :class:`~lightning_moo.solvers.MOOSolver` (in YAML: ``class_path`` + ``init_args``);
+            default MGDA. ``Mean`` reproduces stock DeepSpeed.
+        exchange: ``"sharded"`` (stock communication volume, one extra bucket of memory) or
+            ``"allgather"`` (every rank gathers every language's bucket; the reference).
+        mode: ``"bucket"`` (per ZeRO bucket); ``"global"`` (the whole model is one bucket: the
+            global-MOO baseline); ``"global_two_pass"`` (the same global weights from the Gram of a
+            first backward, then DeepSpeed's stock reduction of ``sum_t w_t L_t``).
+        languages: number of languages (or their names); must equal the world size.
+        **kwargs: everything Lightning's ``DeepSpeedStrategy`` takes (``stage``, ``config``, ...).
+    """
+
+    def __init__(
+        self,
+        solver: Optional[MOOSolver] = None,
+        exchange: Literal["sharded", "allgather"] = "sharded",
+        mode: Mode = "bucket",
+        languages: Union[int, list[str], None] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("bucket", "global", "global_two_pass"):
+            raise ValueError(f"mode must be 'bucket', 'global' or 'global_two_pass', got {mode!r}")
+        self.solver = solver if solver is not None else MGDA()
+        self.exchange = make_exchange(exchange)
+        self.mode = mode
+        self.languages = languages
+        self.hook: Optional[ZeroBucketHook] = None
+        self.global_info: Optional[BucketInfo] = None
+
+    @property
+    def buckets(self) -> dict[int, BucketInfo]:
+        """Per bucket of the last step: parameter names and element ranges, Gram matrix, weights."""
+        if self.mode == "global_two_pass":
+            return {0: self.global_info} if self.global_info is not None else {}
+        return self.hook.buckets if self.hook is not None else {}
+
+    def setup_distributed(self) -> None:
+        self.set_world_ranks()
+        expected = self.languages if isinstance(self.languages, int) else None if self.languages is None else len(self.languages)
+        if expected is not None and expected != self.world_size:
+            raise MisconfigurationException(
+                f"BucketMOOStrategy trains one language per rank: {expected} languages need world size "
+                f"{expected}, got {self.world_size} (devices × num_nodes)."
+            )
+        super().setup_distributed()
+
+    def init_deepspeed(self) -> None:
+        self._check_config()
+        if self.mode == "global":
+            # One bucket holding every parameter: the global-MOO baseline that gathers full gradients.
+            assert self.lightning_module is not None
+            numel = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
+            self.config["zero_optimization"]["reduce_bucket_size"] = numel
+        super().init_deepspeed()
+        self._check_optimizer()
+        if self.mode != "global_two_pass":
+            optimizer = self.deepspeed_engine.optimizer
+            names = {id(p): n for n, p in self.deepspeed_engine.module.named_parameters()}
+            self.hook = ZeroBucketHook(optimizer, self.solver, self.exchange, names)
+            optimizer.average_tensor = self.hook
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.hook is not None:
+            self.hook.start_step(self.lightning_module.trainer.global_step)
+
+    def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        if self.mode == "global_two_pass":
+            w = self._global_weights(closure_loss)
+            # DeepSpeed averages over the T ranks: scaling by T * w_t makes the average sum_t w_t g_t.
+            closure_loss = closure_loss * (self.world_size * w[self.global_rank]).to(closure_loss.dtype)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _global_weights(self, loss: Tensor) -> Tensor:
+        """Weights of the solver for the Gram of the full per-language gradients.
+
+        A first backward (``torch.autograd.grad``, which DeepSpeed's gradient hooks do not see)
+        gives this language's gradient, held once as a plain backward would; the Gram is summed
+        over chunks of ``reduce_bucket_size`` by the exchange, so no rank holds another language's.
+        """
+        engine = self.deepspeed_engine
+        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        # DeepSpeed hooks the forward outputs: any backward through them starts its backward
+        # prologue and queues the gradient reduction. Shadow the prologue so that this first pass
+        # stays invisible (its parameter hooks only fire on .grad accumulation, which autograd.grad skips).
+        engine._backward_prologue = lambda: None
+        try:
+            grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+        finally:
+            del engine._backward_prologue
+        grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
+        limit = int(self.config["zero_optimization"].get("reduce_bucket_size", 500_000_000))
+        g = torch.zeros(self.world_size, self.world_size, dtype=torch.float64, device=loss.device)
+        chunk: list[Tensor] = []
+        size = 0
+        for grad in grads + [None]:
+            if chunk and (grad is None or size + grad.numel() > limit):
+                g += self.exchange.gram(torch.cat([c.reshape(-1) for c in chunk]))
+                chunk, size = [], 0
+            if grad is not None:
+                chunk.append(grad)
+                size += grad.numel()
+        step = self.lightning_module.trainer.global_step
+        w = self.solver(g, bucket="global", step=step)
+        offset, ranges = 0, []
+        for n, p in named:
+            ranges.append(ParamRange(n, offset, offset + p.numel()))
+            offset += p.numel()
+        self.global_info = BucketInfo(0, tuple(ranges), offset, g.cpu(), w.detach().to("cpu", torch.float64), step)
+        return w
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
+        # same on every rank, DeepSpeed stores rank 0's client state.
+        checkpoint[_SOLVER_STATE] = self.solver.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if _SOLVER_STATE in checkpoint:
+            self.solver.load_state_dict(checkpoint.pop(_SOLVER_STATE))
+        return checkpoint
+
+    def _check_config(self) -> None:
+        """Refuse, before the first step, every configuration the hook cannot serve correctly."""
+        assert isinstance(self.config, dict)
+        zero = self.config.get("zero_optimization") or {}
+        stage = int(zero.get("stage", 0))
+        if stage not in (1, 2):
+            raise MisconfigurationException(
+                f"BucketMOOStrategy needs ZeRO stage 1 or 2 (got stage {stage}): without ZeRO there are no "
+                "gradient buckets, and ZeRO-3 reduces gradients through a path the per-bucket solver does not hook."
+            )
+        if not zero.get("contiguous_gradients", True):
+            raise MisconfigurationException(
+                "BucketMOOStrategy needs zero_optimization.contiguous_gradients=true: without it DeepSpeed "
+                "reduces gradients through buffered_reduce_fallback, bypassing the per-bucket solver."
+            )
+        accumulation = int(self.config.get("gradient_accumulation_steps", 1))
+        if accumulation > 1 and self.mode != "bucket":
+            raise MisconfigurationException(
+                f"mode={self.mode!r} does not support gradient accumulation (accumulate_grad_batches="
+                f"{accumulation}): the global weights are computed per backward."
+            )
+        if accumulation > 1 and stage == 2 and not isinstance(self.solver, _LINEAR_SOLVERS):
+            raise MisconfigurationException(
+                f"ZeRO-2 reduces every micro-batch, so with accumulate_grad_batches={accumulation} "
+                f"{type(self.solver).__name__} would combine micro-batch gradients instead of each "
+                "language's accumulated gradient. Use ZeRO stage 1 (reduces once per optimizer step) or "
+                "accumulate_grad_batches=1."
+            )
+
+    def _check_optimizer(self) -> None:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        optimizer = self.deepspeed_engine.optimizer
+        if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+            raise MisconfigurationException(
+                f"DeepSpeed chose {type(optimizer).__name__} instead of its ZeRO-1/2 optimizer, which never "
+                "calls the per-bucket solver. This happens for ZeRO stage 1 with bf16 and fp32 gradient "
+                "accumulation: use ZeRO stage 2, or set data_types.grad_accum_dtype to 'bf16'."
+            )
+        if dist.get_world_size(optimizer.dp_process_group) != self.world_size:
+            raise MisconfigurationException(
+                "BucketMOOStrategy needs pure data parallelism (one language per rank); DeepSpeed's "
+                "data-parallel group is smaller than the world."
+            )

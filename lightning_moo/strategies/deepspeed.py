@@ -1,0 +1,59 @@
+"""Lightning's DeepSpeedStrategy, unchanged in what it computes, but also on CPU (gloo)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch.nn import Module
+
+
+class StockDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO with stock gradient averaging, usable on CPU for tests, demos and baselines.
+
+    Lightning refuses DeepSpeed without CUDA in three places; on CUDA this class behaves exactly
+    like ``DeepSpeedStrategy``.
+    """
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            super().setup_environment()
+            return
+        # Skip DeepSpeedStrategy's CUDA-only check, keep everything its parents do.
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        if self.root_device.type == "cuda":
+            super().setup_distributed()
+            return
+        # The parent validates CUDA device indices first; the rest is the same.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _init_deepspeed_distributed(self) -> None:
+        if self.root_device.type == "cpu":
+            import deepspeed.ops
+
+            # DeepSpeed's CPU backend compiles a shared-memory op with g++ on first start (about a
+            # minute); only inference_all_reduce uses it, training's collectives go through
+            # torch.distributed. Marking it incompatible skips the build.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        super()._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: Module, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        # root_device.index is None on CPU; DeepSpeed wants a number.
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank if self.root_device.index is None else self.root_device.index),
+            config=self.config,
+            model=model,
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer

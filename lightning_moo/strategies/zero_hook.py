@@ -1,0 +1,90 @@
+"""The replacement for ``DeepSpeedZeroOptimizer.average_tensor`` that runs a MOO solver per bucket."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..buckets import BucketInfo, ParamRange, bucket_layout
+from ..exchange import Exchange
+from ..solvers import MOOSolver
+
+
+class ZeroBucketHook:
+    """Installed as ``optimizer.average_tensor``: solves every bucket DeepSpeed hands to the reduction.
+
+    DeepSpeed calls ``average_tensor(tensor, comm_dtype)`` with this rank's flat, unreduced gradient
+    of one bucket and expects the reduced values in ``tensor`` (at least in this rank's partition).
+    Instead of the average, this writes ``sum_t w_t g_t`` with ``w = solver(G)``.
+    """
+
+    def __init__(self, optimizer, solver: MOOSolver, exchange: Exchange, names: dict[int, str]) -> None:
+        self.optimizer = optimizer
+        self.solver = solver
+        self.exchange = exchange
+        self.names = names
+        self.buckets: dict[int, BucketInfo] = {}
+        self.step = 0
+        self._next_index = 0
+
+    def start_step(self, step: int) -> None:
+        """Number buckets from 0 again: bucket ids are the order of reduction within one (micro-)step."""
+        self.step, self._next_index = step, 0
+
+    def __call__(self, tensor: Tensor, communication_data_type: torch.dtype) -> None:
+        if tensor.numel() == 0:
+            return  # an empty bucket: nothing to reduce, as in stock DeepSpeed
+        opt = self.optimizer
+        params, segments = bucket_layout(opt, communication_data_type, self.names)
+        index, self._next_index = self._next_index, self._next_index + 1
+        group = opt.dp_process_group
+        work = tensor if tensor.dtype == communication_data_type else tensor.to(communication_data_type)
+
+        def solve(g: Tensor) -> Tensor:
+            if not bool(torch.isfinite(g).all()):
+                return self._non_finite(index, params, tensor, g, group)
+            return self.solver(g, bucket=index, step=self.step)
+
+        with _reduction_stream(opt, communication_data_type):
+            g, w = self.exchange.reduce(work, segments, solve, group)
+            if work is not tensor:
+                tensor.copy_(work)
+            # bf16 params with fp32 gradient accumulation keep reduced gradients in a separate fp32
+            # partition buffer; stock DeepSpeed fills it from the reduced bucket the same way.
+            opt._add_full_reduction_to_compact_grad_partition(work, communication_data_type)
+        self.buckets[index] = BucketInfo(index, tuple(params), tensor.numel(), g.cpu(), w.detach().to("cpu", torch.float64), self.step)
+
+    def _non_finite(self, index: int, params: list[ParamRange], tensor: Tensor, g: Tensor, group) -> Tensor:
+        if self.optimizer.dynamic_loss_scale:
+            # fp16 with dynamic loss scaling: let DeepSpeed see the overflow, skip the step and
+            # lower the scale, exactly as it would for an averaged gradient.
+            return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
+        # Every rank gets here (G is all-reduced), so this small all-gather cannot hang.
+        flags = torch.tensor(
+            [not bool(torch.isfinite(tensor[p.start : p.end]).all()) for p in params], dtype=torch.uint8, device=tensor.device
+        )  # on the bucket's device: NCCL gathers only device tensors
+        every = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, flags, group=group)
+        bad = [f"language {t}: {p.name}" for t, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+        raise FloatingPointError(
+            f"non-finite gradient in ZeRO bucket {index} at step {self.step} "
+            f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "
+            "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
+        )
+
+
+def _reduction_stream(opt, comm_dtype: torch.dtype):
+    """The stream stock ``average_tensor`` reduces on, after the same waits (a no-op on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not opt.overlap_comm:
+        return acc.stream(acc.current_stream())
+    stream = opt.reduction_stream
+    if not acc.resolves_data_dependency():
+        bucket = opt.ipg_buckets[comm_dtype]
+        for producer in bucket.copy_streams or {acc.current_stream()}:
+            stream.wait_stream(producer)
+        acc.current_stream().wait_stream(stream)
+    return acc.stream(stream)

@@ -1,0 +1,60 @@
+"""A tiny multilingual regression problem, identical in the workers and in the test process.
+
+Languages map inputs to nearly opposite targets, so their gradients conflict.
+Everything is a pure function of (language, step), so any process can replay any batch.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+IN, HIDDEN, OUT, BATCH = 8, 32, 4, 16
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+
+
+def batch(language: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Opposite targets plus a language-specific part: the languages' gradients conflict.
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randn(IN, OUT, generator=gen)
+    gen.manual_seed(1000 * language + 2)
+    target_map = (-1) ** language * shared + 0.5 * torch.randn(IN, OUT, generator=gen)
+    gen.manual_seed(1_000_003 * (step + 1) + language)
+    x = torch.randn(BATCH, IN, generator=gen)
+    return x, torch.tanh(x @ target_map)
+
+
+def loss_fn(net: nn.Module, language: int, step: int) -> torch.Tensor:
+    x, y = batch(language, step)
+    return nn.functional.mse_loss(net(x), y)
+
+
+class ToyModule(pl.LightningModule):
+    """Rank r trains language r; micro-batch ``i`` of the run is ``batch(r, i)``."""
+
+    def __init__(self, language: int, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.language, self.optimizer_name, self.lr = language, optimizer, lr
+
+    def training_step(self, _, batch_idx):
+        # From the trainer's counters rather than the data, so a resumed run continues the sequence.
+        accumulate = self.trainer.accumulate_grad_batches
+        micro_step = self.trainer.global_step * accumulate + batch_idx % accumulate
+        x, y = batch(self.language, micro_step)
+        dtype = self.net[0].weight.dtype  # bf16 when DeepSpeed runs the model in bf16
+        return nn.functional.mse_loss(self.net(x.to(dtype)).float(), y)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def named_params(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"net.{n}": p.detach().clone() for n, p in net.named_parameters()}
