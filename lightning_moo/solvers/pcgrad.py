@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Literal
 
 import numpy as np
@@ -37,7 +38,8 @@ class PCGrad(MOOSolver):
 
     def orders(self, num_tasks: int) -> list[list[int]]:
         """The order of tasks each task i is projected against, for the current step and bucket."""
-        bucket_key = self.bucket if isinstance(self.bucket, int) else sum(map(ord, str(self.bucket)))
+        # A stable key (Python's hash() of a str differs between processes, i.e. between ranks).
+        bucket_key = self.bucket if isinstance(self.bucket, int) else zlib.crc32(str(self.bucket).encode())
         rng = np.random.default_rng([self.seed, self.step, bucket_key])
         return [rng.permutation(num_tasks).tolist() for _ in range(num_tasks)]
 
