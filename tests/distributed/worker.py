@@ -16,10 +16,12 @@ import traceback
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from toy import ToyModule, named_params
 
+from callbacks import ConflictMonitor
 from lightning_moo.strategies import BucketMOOStrategy, StockDeepSpeedStrategy
 
 
@@ -82,6 +84,9 @@ def run(spec: dict, rank: int, world: int, out: str) -> bool:
     module = NaNLoss(rank, nan_at=spec["nan_at"], **kwargs) if "nan_at" in spec else ToyModule(rank, **kwargs)
     recorder = Recorder(accumulate)
     data = DataLoader(range(steps * accumulate), batch_size=None)
+    # "monitor": ConflictMonitor arguments; its TensorBoard events go to OUT/<name>/.
+    monitor = [ConflictMonitor(**spec["monitor"])] if "monitor" in spec else []
+    logger = TensorBoardLogger(os.path.join(out, spec["name"]), name="", version="") if "monitor" in spec else False
 
     def trainer(max_steps: int) -> pl.Trainer:
         return pl.Trainer(
@@ -92,8 +97,8 @@ def run(spec: dict, rank: int, world: int, out: str) -> bool:
             max_steps=max_steps,
             accumulate_grad_batches=accumulate,
             gradient_clip_val=spec.get("clip"),
-            callbacks=[recorder],
-            logger=False,
+            callbacks=[recorder, *monitor],
+            logger=logger,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
