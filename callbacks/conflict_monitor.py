@@ -38,7 +38,8 @@ class ConflictMonitor(pl.Callback):
       ``weight/<lang>`` (solver weights averaged over buckets by element count), ``gap_global``
       (‖min-norm point‖² of Σ_b G_b) and ``gap_bucket_sum`` (Σ_b ‖min-norm point of G_b‖²);
     * the same cosine, ratio, norm and weight scalars under ``conflict/<kind>/`` (embeddings,
-      attention, mlp, norms, head, other, or mixed for buckets spanning several kinds),
+      attention, mlp, norms, head, other; split exactly by parameter, ``mixed`` only for a
+      global_two_pass bucket spanning several kinds),
       ``conflict/layer_<i>/`` and ``conflict/bucket_<i>/`` (i = order of reduction; buckets also get
       ``gap``).
 
@@ -132,14 +133,14 @@ def language_names(strategy, num_languages: int) -> list[str]:
     return [f"lang{t}" for t in range(num_languages)]
 
 
-def _group_scalars(prefix: str, buckets: list[BucketInfo], names: list[str]) -> dict[str, float]:
-    gram = metrics.sum_grams(b.gram for b in buckets)
+def _group_scalars(prefix: str, pieces: list[metrics.Piece], names: list[str]) -> dict[str, float]:
+    gram = metrics.sum_grams(p.gram for p in pieces)
     out = {
         f"{prefix}/cosine_mean": metrics.mean_cosine(gram),
         f"{prefix}/cosine_min": metrics.min_cosine(gram),
         f"{prefix}/conflict_ratio": metrics.conflict_ratio(gram),
     }
-    for name, norm, weight in zip(names, metrics.grad_norms(gram).tolist(), metrics.mean_weights(buckets).tolist()):
+    for name, norm, weight in zip(names, metrics.grad_norms(gram).tolist(), metrics.mean_weights(pieces).tolist()):
         out[f"{prefix}/grad_norm/{name}"] = norm
         out[f"{prefix}/weight/{name}"] = weight
     return out
@@ -149,17 +150,17 @@ def conflict_scalars(buckets: list[BucketInfo], names: list[str]) -> dict[str, f
     """Every scalar ConflictMonitor logs for one step, by tag."""
     grams = [b.gram for b in buckets]
     total = metrics.sum_grams(grams)
-    out = _group_scalars("conflict/global", buckets, names)
+    out = _group_scalars("conflict/global", [metrics.Piece.of_bucket(b) for b in buckets], names)
     pair_cos = metrics.pairwise_cosines(total).tolist()
     for (i, j), c in zip(metrics.language_pairs(len(names)), pair_cos):
         out[f"conflict/global/cosine/{names[i]}_{names[j]}"] = c
     out["conflict/global/gap_global"] = metrics.stationarity_gap(total)
     out["conflict/global/gap_bucket_sum"] = metrics.bucket_level_gap(grams)
     for by in ("kind", "layer"):
-        for group, members in metrics.group_buckets(buckets, by).items():
-            out.update(_group_scalars(f"conflict/{group}", members, names))
+        for group, pieces in metrics.group_pieces(buckets, by).items():
+            out.update(_group_scalars(f"conflict/{group}", pieces, names))
     for b in buckets:
-        out.update(_group_scalars(f"conflict/bucket_{b.index}", [b], names))
+        out.update(_group_scalars(f"conflict/bucket_{b.index}", [metrics.Piece.of_bucket(b)], names))
         out[f"conflict/bucket_{b.index}/gap"] = metrics.stationarity_gap(b.gram)
     return out
 

@@ -10,6 +10,7 @@ DeepSpeed keeps. This module reads both facts from the optimizer's own bookkeepi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,6 +44,9 @@ class BucketInfo:
     gram: Tensor  # T×T float64, on CPU
     weights: Tensor  # T float64, on CPU
     step: int
+    # P×T×T float64 on CPU, one Gram per entry of ``params`` (they sum to ``gram``): what lets
+    # monitoring aggregate exactly by layer or module kind when a bucket spans several.
+    param_grams: Optional[Tensor] = None
 
 
 def bucket_layout(optimizer, comm_dtype: torch.dtype, names: dict[int, str]) -> tuple[list[ParamRange], list[Segment]]:

@@ -33,15 +33,23 @@ Solve = Callable[[Tensor], Tensor]
 
 
 class Exchange(ABC):
-    """Reduce one bucket: ``reduce(tensor, segments, solve, group) -> (gram, weights)``."""
+    """Reduce one bucket: ``reduce(tensor, segments, pieces, solve, group) -> (piece Grams, weights)``.
+
+    ``pieces`` are ``(start, end)`` element ranges that tile the bucket (its parameters): one T×T Gram
+    is returned per piece, and the solver sees their sum, the bucket's Gram.
+    """
 
     @abstractmethod
-    def reduce(self, tensor: Tensor, segments: Sequence[Segment], solve: Solve, group=None) -> tuple[Tensor, Tensor]:
-        """Overwrite this rank's segments of ``tensor`` with the solver's combination; return ``(G, w)``."""
+    def reduce(
+        self, tensor: Tensor, segments: Sequence[Segment], pieces: Sequence[tuple[int, int]], solve: Solve, group=None
+    ) -> tuple[Tensor, Tensor]:
+        """Overwrite this rank's segments of ``tensor`` with the solver's combination; return
+        ``(G_pieces [P, T, T], w)``."""
 
     def gram(self, tensor: Tensor, group=None) -> Tensor:
         """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
-        _, partial = _gather_slices(tensor, even_segments(tensor.numel(), dist.get_world_size(group)), group)
+        mine = _gather_slices(tensor, even_segments(tensor.numel(), dist.get_world_size(group)), group)
+        partial = gram(mine)
         dist.all_reduce(partial, group=group)
         return partial
 
@@ -49,16 +57,18 @@ class Exchange(ABC):
 class AllGatherExchange(Exchange):
     """Every rank gathers the whole bucket from every language and solves on its own."""
 
-    def reduce(self, tensor: Tensor, segments: Sequence[Segment], solve: Solve, group=None) -> tuple[Tensor, Tensor]:
+    def reduce(
+        self, tensor: Tensor, segments: Sequence[Segment], pieces: Sequence[tuple[int, int]], solve: Solve, group=None
+    ) -> tuple[Tensor, Tensor]:
         world = dist.get_world_size(group)
         # gloo's all_gather_into_tensor wants one flat output of world × n elements.
         flat = tensor.new_empty(world * tensor.numel())
         dist.all_gather_into_tensor(flat, tensor.contiguous(), group=group)
         grads = flat.view(world, tensor.numel())
-        g = gram(grads)
-        w = solve(g)
+        piece_grams = _piece_grams(grads, 0, pieces)
+        w = solve(piece_grams.sum(0))
         combine(w, grads, out=tensor)
-        return g, w
+        return piece_grams, w
 
 
 class ShardedExchange(Exchange):
@@ -69,7 +79,9 @@ class ShardedExchange(Exchange):
         # holding far more than one bucket of freed memory.
         self._workspace: Tensor | None = None
 
-    def reduce(self, tensor: Tensor, segments: Sequence[Segment], solve: Solve, group=None) -> tuple[Tensor, Tensor]:
+    def reduce(
+        self, tensor: Tensor, segments: Sequence[Segment], pieces: Sequence[tuple[int, int]], solve: Solve, group=None
+    ) -> tuple[Tensor, Tensor]:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         # Even slices, not DeepSpeed's partitions: a bucket often lies inside one rank's partition,
         # and that rank would then receive all T copies of it and solve alone.
@@ -79,12 +91,14 @@ class ShardedExchange(Exchange):
         scratch_len = max(world * m, tensor.numel())
         work = self._buffer(scratch_len + m, tensor)
         scratch, combined = work[:scratch_len], work[scratch_len:]
-        mine, g = _gather_slices(tensor, slices, group, out=scratch[: world * m].view(world, m))
-        dist.all_reduce(g, group=group)
-        w = solve(g)
+        mine = _gather_slices(tensor, slices, group, out=scratch[: world * m].view(world, m))
+        # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
+        piece_grams = _piece_grams(mine, slices[rank].start, pieces)
+        dist.all_reduce(piece_grams, group=group)
+        w = solve(piece_grams.sum(0))
         combine(w, mine, out=combined)
         _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
-        return g, w
+        return piece_grams, w
 
     def _buffer(self, numel: int, like: Tensor) -> Tensor:
         ws = self._workspace
@@ -129,16 +143,25 @@ def _send_to_owners(
         offset += n
 
 
-def _gather_slices(tensor: Tensor, slices: Sequence[Segment], group, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """All-to-all: rank r receives slice r of every rank's ``tensor``, as a T×m matrix.
-
-    Returns that matrix and its (not yet all-reduced) partial Gram.
-    """
+def _gather_slices(tensor: Tensor, slices: Sequence[Segment], group, out: Tensor | None = None) -> Tensor:
+    """All-to-all: rank r receives slice r of every rank's ``tensor``, as a T×m matrix."""
     world, rank = len(slices), dist.get_rank(group)
     m = slices[rank].length
     mine = tensor.new_empty(world, m) if out is None else out
     dist.all_to_all_single(mine.view(-1), tensor, [m] * world, [s.length for s in slices], group=group)
-    return mine, gram(mine)
+    return mine
+
+
+def _piece_grams(columns: Tensor, first: int, pieces: Sequence[tuple[int, int]]) -> Tensor:
+    """P×T×T Grams of the parts of ``pieces`` (bucket element ranges) that fall in ``columns``, a T×m
+    block holding bucket elements ``[first, first + m)``; zero for pieces outside it."""
+    T, m = columns.shape
+    out = torch.zeros(len(pieces), T, T, dtype=torch.float64, device=columns.device)
+    for k, (start, end) in enumerate(pieces):
+        a, b = max(start, first), min(end, first + m)
+        if a < b:
+            out[k] = gram(columns[:, a - first : b - first])
+    return out
 
 
 EXCHANGES: dict[str, type[Exchange]] = {"allgather": AllGatherExchange, "sharded": ShardedExchange}

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .buckets import BucketInfo, ParamRange
+from .buckets import BucketInfo
 from .solvers.qp import min_norm_weights
 
 MODULE_KINDS = ("embeddings", "attention", "mlp", "norms", "head", "other")
@@ -135,20 +136,27 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _group_key(params: Sequence[ParamRange], key, mixed: str) -> str:
-    keys = {key(p.name) for p in params}
-    return next(iter(keys)) if len(keys) == 1 else mixed
+@dataclass(frozen=True)
+class Piece:
+    """A block of parameter elements with its Gram matrix and the solver weights applied to it."""
+
+    gram: Tensor
+    weights: Tensor
+    numel: int
+
+    @classmethod
+    def of_bucket(cls, bucket: BucketInfo) -> "Piece":
+        return cls(bucket.gram, bucket.weights, bucket.numel)
 
 
-def group_buckets(buckets: Iterable[BucketInfo], by: str) -> dict[str, list[BucketInfo]]:
-    """Buckets grouped by module kind (``by="kind"``) or transformer layer (``by="layer"``).
+def group_pieces(buckets: Iterable[BucketInfo], by: str) -> dict[str, list[Piece]]:
+    """Parameter blocks grouped by module kind (``by="kind"``) or transformer layer (``by="layer"``).
 
-    Only whole-bucket Gram matrices are available (the exchange reduces one T×T Gram per bucket), and a
-    bucket's Gram cannot be split among its parameters. So that every group's Gram is exact, a bucket
-    joins a group only when all of its parameters belong to it; a bucket that straddles kinds goes
-    to the group ``"mixed"``, one that straddles layers to ``"layer_mixed"``. Layer groups are named
-    ``layer_<i>``; buckets whose parameters lie outside any block (embeddings, final norm, head)
-    form ``"layer_none"``.
+    A bucket that records one Gram per parameter (``param_grams``, as BucketMOOStrategy's buckets do)
+    is split exactly among its parameters' groups. A bucket without them (the single global bucket
+    of ``global_two_pass``) cannot be split: it joins a group only when all of its parameters belong
+    to it, otherwise the group ``"mixed"`` (``"layer_mixed"``). Layer groups are named ``layer_<i>``;
+    parameters outside any block (embeddings, final norm, head) form ``"layer_none"``.
     """
     if by == "kind":
         key, mixed = module_kind, "mixed"
@@ -156,15 +164,21 @@ def group_buckets(buckets: Iterable[BucketInfo], by: str) -> dict[str, list[Buck
         key, mixed = (lambda name: "layer_none" if (i := layer_index(name)) is None else f"layer_{i}"), "layer_mixed"
     else:
         raise ValueError(f"by must be 'kind' or 'layer', got {by!r}")
-    groups: dict[str, list[BucketInfo]] = {}
+    groups: dict[str, list[Piece]] = {}
     for bucket in buckets:
-        groups.setdefault(_group_key(bucket.params, key, mixed), []).append(bucket)
+        if bucket.param_grams is not None:
+            for param, gram in zip(bucket.params, bucket.param_grams):
+                groups.setdefault(key(param.name), []).append(Piece(gram, bucket.weights, param.end - param.start))
+        else:
+            keys = {key(p.name) for p in bucket.params}
+            group = next(iter(keys)) if len(keys) == 1 else mixed
+            groups.setdefault(group, []).append(Piece.of_bucket(bucket))
     return groups
 
 
-def mean_weights(buckets: Sequence[BucketInfo]) -> Tensor:
-    """The solver's weights averaged over buckets, each counted by its number of elements:
+def mean_weights(pieces: Sequence[Piece]) -> Tensor:
+    """The solver's weights averaged over pieces, each counted by its number of elements:
     the weight language t has on an average parameter element of the group."""
-    numel = torch.tensor([float(b.numel) for b in buckets], dtype=torch.float64)
-    weights = torch.stack([b.weights.to(torch.float64) for b in buckets])
+    numel = torch.tensor([float(p.numel) for p in pieces], dtype=torch.float64)
+    weights = torch.stack([p.weights.to(torch.float64) for p in pieces])
     return (numel[:, None] * weights).sum(0) / numel.sum()

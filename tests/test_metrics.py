@@ -130,34 +130,59 @@ def test_module_kinds_and_layers_of_llama_and_qwen3_parameter_names():
     assert metrics.module_kind("net.0.weight") == "other" and metrics.layer_index("net.0.weight") is None
 
 
-def bucket(index: int, names: list[str], sizes: list[int], J: torch.Tensor, offset: int, weights) -> BucketInfo:
+def bucket(index: int, names: list[str], sizes: list[int], J: torch.Tensor, offset: int, weights, per_param: bool) -> BucketInfo:
+    """A bucket over columns offset… of J; with ``per_param`` it also records each parameter's Gram."""
     params, start = [], 0
     for name, size in zip(names, sizes):
         params.append(ParamRange(name, start, start + size))
         start += size
     block = J[:, offset : offset + start]
-    return BucketInfo(index, tuple(params), start, block @ block.T, torch.tensor(weights, dtype=torch.float64), 0)
+    param_grams = torch.stack([block[:, p.start : p.end] @ block[:, p.start : p.end].T for p in params]) if per_param else None
+    return BucketInfo(index, tuple(params), start, block @ block.T, torch.tensor(weights, dtype=torch.float64), 0, param_grams)
 
 
-def test_grouping_keeps_group_grams_exact_and_sends_straddling_buckets_to_mixed():
+LAYOUT = [  # (index, names, sizes, first column, weights)
+    (0, ["lm_head.weight", "model.norm.weight"], [10, 2], 0, [0.3, 0.7]),  # head + norm
+    (1, ["model.layers.1.mlp.up_proj.weight"], [8], 12, [0.5, 0.5]),
+    (2, ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"], [6, 6], 20, [0.9, 0.1]),
+    (3, ["model.layers.0.mlp.up_proj.weight"], [8], 32, [0.2, 0.8]),
+]
+
+
+def gram_of(J: torch.Tensor, *column_ranges: tuple[int, int]) -> torch.Tensor:
+    cols = torch.cat([J[:, a:b] for a, b in column_ranges], dim=1)
+    return cols @ cols.T
+
+
+def test_grouping_splits_buckets_exactly_by_parameter():
+    """With per-parameter Grams every kind and layer gets exactly its own columns' Gram (computed
+    here from J), even for buckets that mix kinds."""
     J = gradients(2, 40, 9)
-    attn0 = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"]
-    buckets = [
-        bucket(0, ["lm_head.weight", "model.norm.weight"], [10, 2], J, 0, [0.3, 0.7]),  # head + norm: mixed
-        bucket(1, ["model.layers.1.mlp.up_proj.weight"], [8], J, 12, [0.5, 0.5]),
-        bucket(2, attn0, [6, 6], J, 20, [0.9, 0.1]),
-        bucket(3, ["model.layers.0.mlp.up_proj.weight"], [8], J, 32, [0.2, 0.8]),
-    ]
-    kinds = metrics.group_buckets(buckets, "kind")
-    assert {k: [b.index for b in v] for k, v in kinds.items()} == {"mixed": [0], "mlp": [1, 3], "attention": [2]}
-    mlp = torch.cat([J[:, 12:20], J[:, 32:40]], dim=1)
-    torch.testing.assert_close(metrics.sum_grams(b.gram for b in kinds["mlp"]), mlp @ mlp.T, rtol=1e-13, atol=0)
-    layers = metrics.group_buckets(buckets, "layer")
-    assert {k: [b.index for b in v] for k, v in layers.items()} == {"layer_none": [0], "layer_1": [1], "layer_0": [2, 3]}
+    buckets = [bucket(i, n, z, J, o, w, per_param=True) for i, n, z, o, w in LAYOUT]
+    kinds = metrics.group_pieces(buckets, "kind")
+    assert set(kinds) == {"head", "norms", "mlp", "attention"}
+    expected = {"head": [(0, 10)], "norms": [(10, 12), (26, 32)], "mlp": [(12, 20), (32, 40)], "attention": [(20, 26)]}
+    for kind, ranges in expected.items():
+        torch.testing.assert_close(metrics.sum_grams(p.gram for p in kinds[kind]), gram_of(J, *ranges), rtol=1e-13, atol=1e-13)
+    # norms: 2 elements at bucket 0's weights (0.3, 0.7) and 6 at bucket 2's (0.9, 0.1).
+    torch.testing.assert_close(metrics.mean_weights(kinds["norms"]), torch.tensor([(2 * 0.3 + 6 * 0.9) / 8, (2 * 0.7 + 6 * 0.1) / 8], dtype=torch.float64))
+    layers = metrics.group_pieces(buckets, "layer")
+    torch.testing.assert_close(metrics.sum_grams(p.gram for p in layers["layer_0"]), gram_of(J, (20, 32), (32, 40)), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(metrics.sum_grams(p.gram for p in layers["layer_none"]), gram_of(J, (0, 12)), rtol=1e-13, atol=1e-13)
+
+
+def test_grouping_without_parameter_grams_sends_straddling_buckets_to_mixed():
+    J = gradients(2, 40, 9)
+    buckets = [bucket(i, n, z, J, o, w, per_param=False) for i, n, z, o, w in LAYOUT]
+    kinds = metrics.group_pieces(buckets, "kind")
+    assert {k: len(v) for k, v in kinds.items()} == {"mixed": 2, "mlp": 2}
+    torch.testing.assert_close(metrics.sum_grams(p.gram for p in kinds["mlp"]), gram_of(J, (12, 20), (32, 40)), rtol=1e-13, atol=1e-13)
+    layers = metrics.group_pieces(buckets, "layer")
+    assert {k: len(v) for k, v in layers.items()} == {"layer_none": 1, "layer_1": 1, "layer_0": 2}
     # Weight per element: 12 elements at (0.9, 0.1) and 8 at (0.2, 0.8).
     torch.testing.assert_close(metrics.mean_weights(layers["layer_0"]), torch.tensor([(12 * 0.9 + 8 * 0.2) / 20, (12 * 0.1 + 8 * 0.8) / 20], dtype=torch.float64))
     with pytest.raises(ValueError, match="'kind' or 'layer'"):
-        metrics.group_buckets(buckets, "module")
+        metrics.group_pieces(buckets, "module")
 
 
 def test_malformed_gram_is_refused():

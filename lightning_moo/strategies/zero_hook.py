@@ -47,13 +47,16 @@ class ZeroBucketHook:
             return self.solver(g, bucket=index, step=self.step)
 
         with _reduction_stream(opt, communication_data_type):
-            g, w = self.exchange.reduce(work, segments, solve, group)
+            piece_grams, w = self.exchange.reduce(work, segments, [(p.start, p.end) for p in params], solve, group)
             if work is not tensor:
                 tensor.copy_(work)
             # bf16 params with fp32 gradient accumulation keep reduced gradients in a separate fp32
             # partition buffer; stock DeepSpeed fills it from the reduced bucket the same way.
             opt._add_full_reduction_to_compact_grad_partition(work, communication_data_type)
-        self.buckets[index] = BucketInfo(index, tuple(params), tensor.numel(), g.cpu(), w.detach().to("cpu", torch.float64), self.step)
+        piece_grams = piece_grams.cpu()
+        self.buckets[index] = BucketInfo(
+            index, tuple(params), tensor.numel(), piece_grams.sum(0), w.detach().to("cpu", torch.float64), self.step, piece_grams
+        )
 
     def _non_finite(self, index: int, params: list[ParamRange], tensor: Tensor, g: Tensor, group) -> Tensor:
         if self.optimizer.dynamic_loss_scale:

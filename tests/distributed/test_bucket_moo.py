@@ -116,6 +116,7 @@ def test_sharded_equals_allgather(moo_runs, name):
     for step_a, step_b in zip(sharded[0]["buckets"], allgather[0]["buckets"]):
         for i in step_a:
             torch.testing.assert_close(step_a[i].weights, step_b[i].weights, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(step_a[i].param_grams, step_b[i].param_grams, rtol=1e-6, atol=1e-9)
 
 
 def _buckets_follow_reduce_bucket_size(buckets, sizes: dict[str, int]) -> None:
@@ -154,6 +155,10 @@ def test_mgda_per_bucket_direction_does_not_conflict(moo_runs):
             expected = MGDA()(g @ g.T) @ g
             torch.testing.assert_close(d, expected, rtol=1e-4, atol=update_atol(flat(thetas[step])))
             torch.testing.assert_close(b.gram, g @ g.T, rtol=1e-5, atol=1e-9)
+            # One Gram per parameter of the bucket (what monitoring splits by layer and kind).
+            for p, pg in zip(b.params, b.param_grams):
+                gp = torch.stack([gr[p.name].reshape(-1) for gr in grads]).double()
+                torch.testing.assert_close(pg, gp @ gp.T, rtol=1e-5, atol=1e-9)
             for t in range(T):
                 assert g[t] @ d >= (1 - 1e-3) * (d @ d), f"step {step} bucket {b.index}: d conflicts with language {t}"
             conflicts += int((g[0] @ g[1]) < 0)
