@@ -1,4 +1,7 @@
 """Lightning callbacks for watching gradient conflict (the conflict monitor, LAPE, silhouette)."""
-from .conflict_monitor import ConflictMonitor  # noqa: F401
-from .neurons import NeuronSpecificity  # noqa: F401
-from .silhouette import Silhouette  # noqa: F401
+
+from .conflict_monitor import ConflictMonitor
+from .neurons import NeuronSpecificity
+from .silhouette import Silhouette
+
+__all__ = ["ConflictMonitor", "NeuronSpecificity", "Silhouette"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoTokenizer, PreTrainedModel
 
@@ -216,3 +216,58 @@ def log_figure(trainer: Trainer, tag: str, figure) -> None:
     canvas.draw()
     image = np.asarray(canvas.buffer_rgba())[..., :3]
     writer.add_image(tag, image, global_step=trainer.global_step, dataformats="HWC")
+
+
+class TextAnalysisCallback(Callback):
+    """Shared scaffolding of the analysis callbacks: texts, tokenizer and model found at setup (so
+    that bad input fails before training), runs at the chosen points, on global rank zero only, in
+    eval mode without gradients, restoring the model's mode afterwards. Subclasses implement
+    :meth:`measure`."""
+
+    def __init__(
+        self,
+        texts: Mapping[str, Sequence[str]] | str | os.PathLike,
+        tokenizer=None,
+        languages: Sequence[str] | None = None,
+        split: str = "dev",
+        max_sentences: int | None = 100,
+        batch_size: int = 8,
+        max_length: int = 128,
+        run_at: Sequence[str] = ("fit_start",),
+    ):
+        self.texts_source, self.tokenizer_source = texts, tokenizer
+        self.languages, self.split, self.max_sentences = languages, split, max_sentences
+        self.batch_size, self.max_length = batch_size, max_length
+        self.run_at = check_run_points(run_at)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.model = find_causal_lm(pl_module)
+        self.tokenizer = resolve_tokenizer(self.tokenizer_source, pl_module)
+        self.texts = load_texts(self.texts_source, self.languages, self.split, self.max_sentences)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "fit_start" in self.run_at:
+            self.analyse(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "validation_end" in self.run_at and not trainer.sanity_checking:
+            self.analyse(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "fit_end" in self.run_at:
+            self.analyse(trainer)
+
+    def analyse(self, trainer: Trainer):
+        # Every rank holds the full model under ZeRO-1/2, so rank zero alone measures and logs.
+        if not trainer.is_global_zero:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.measure(trainer)
+        finally:
+            self.model.train(was_training)
+
+    def measure(self, trainer: Trainer):
+        """Compute on ``self.texts`` with ``self.model`` (in eval mode), log, and return the result."""
+        raise NotImplementedError

@@ -15,22 +15,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
 from callbacks.hf_utils import (
-    check_run_points,
+    TextAnalysisCallback,
     batch_count,
     encode_batches,
     find_causal_lm,
-    load_texts,
     log_figure,
     log_scalars,
     output_dir,
     progress,
-    resolve_tokenizer,
 )
 
 
@@ -172,7 +170,7 @@ def per_layer_chart(result: LanguageNeurons) -> Figure:
     return figure
 
 
-class NeuronSpecificity(Callback):
+class NeuronSpecificity(TextAnalysisCallback):
     """Finds language-specific FFN neurons (LAPE) of the wrapped Hugging Face model and logs them.
 
     Args:
@@ -202,45 +200,20 @@ class NeuronSpecificity(Callback):
     ):
         if not 0 < top_share <= 1 or not 0 < quantile < 1:
             raise ValueError(f"need 0 < top_share <= 1 and 0 < quantile < 1, got {top_share}, {quantile}")
-        self.texts_source, self.tokenizer_source = texts, tokenizer
-        self.languages, self.split, self.max_sentences = languages, split, max_sentences
-        self.batch_size, self.max_length = batch_size, max_length
+        super().__init__(texts, tokenizer, languages, split, max_sentences, batch_size, max_length, run_at)
         self.top_share, self.quantile = top_share, quantile
-        self.run_at = check_run_points(run_at)
         self.last_result: LanguageNeurons | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Fails before training starts: a model without gated MLPs, no tokenizer, malformed texts.
-        self.model = find_causal_lm(pl_module)
-        gated_mlps(self.model)
-        self.tokenizer = resolve_tokenizer(self.tokenizer_source, pl_module)
-        self.texts = load_texts(self.texts_source, self.languages, self.split, self.max_sentences)
+        gated_mlps(find_causal_lm(pl_module))
+        super().setup(trainer, pl_module, stage)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "fit_start" in self.run_at:
-            self.analyse(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "validation_end" in self.run_at and not trainer.sanity_checking:
-            self.analyse(trainer)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "fit_end" in self.run_at:
-            self.analyse(trainer)
-
-    def analyse(self, trainer: Trainer) -> LanguageNeurons | None:
-        # Every rank holds the full model under ZeRO-1/2, so rank zero alone measures and logs.
-        if not trainer.is_global_zero:
-            return None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            probs = activation_probabilities(
-                self.model, self.tokenizer, self.texts, self.batch_size, self.max_length,
-                show_progress=trainer.progress_bar_callback is not None,
-            )
-        finally:
-            self.model.train(was_training)
+    def measure(self, trainer: Trainer) -> LanguageNeurons:
+        probs = activation_probabilities(
+            self.model, self.tokenizer, self.texts, self.batch_size, self.max_length,
+            show_progress=trainer.progress_bar_callback is not None,
+        )
         result = select_language_neurons(probs, list(self.texts), self.top_share, self.quantile)
         log_scalars(trainer, neuron_metrics(result))
         log_figure(trainer, "neurons/per_layer", per_layer_chart(result))

@@ -13,21 +13,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from matplotlib.figure import Figure
 from sklearn.metrics import silhouette_score
 from torch import nn
 
 from callbacks.hf_utils import (
+    TextAnalysisCallback,
     batch_count,
-    check_run_points,
     encode_batches,
-    find_causal_lm,
-    load_texts,
     log_figure,
     log_scalars,
     progress,
-    resolve_tokenizer,
     tensorboard_writer,
 )
 
@@ -81,7 +78,7 @@ def silhouette_curve(scores: Mapping[str, Sequence[float]]) -> Figure:
     return figure
 
 
-class Silhouette(Callback):
+class Silhouette(TextAnalysisCallback):
     """Logs the per-layer silhouette of languages in the wrapped Hugging Face model's hidden states.
 
     Args:
@@ -109,17 +106,12 @@ class Silhouette(Callback):
         projector_layers: Sequence[int] | None = None,
         run_at: Sequence[str] = ("fit_start", "validation_end"),
     ):
-        self.texts_source, self.tokenizer_source = texts, tokenizer
-        self.languages, self.split, self.max_sentences = languages, split, max_sentences
-        self.batch_size, self.max_length = batch_size, max_length
+        super().__init__(texts, tokenizer, languages, split, max_sentences, batch_size, max_length, run_at)
         self.projector_layers = projector_layers
-        self.run_at = check_run_points(run_at)
         self.last_scores: dict[str, list[float]] | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.model = find_causal_lm(pl_module)
-        self.tokenizer = resolve_tokenizer(self.tokenizer_source, pl_module)
-        self.texts = load_texts(self.texts_source, self.languages, self.split, self.max_sentences)
+        super().setup(trainer, pl_module, stage)
         count = self.model.config.num_hidden_layers + 1  # hidden states: embeddings, then each layer
         chosen = [count // 2] if self.projector_layers is None else list(self.projector_layers)
         for layer in chosen:
@@ -127,31 +119,11 @@ class Silhouette(Callback):
                 raise ValueError(f"projector layer {layer} out of range for {count} hidden states")
         self.projected = sorted({layer % count for layer in chosen})
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "fit_start" in self.run_at:
-            self.analyse(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "validation_end" in self.run_at and not trainer.sanity_checking:
-            self.analyse(trainer)
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "fit_end" in self.run_at:
-            self.analyse(trainer)
-
-    def analyse(self, trainer: Trainer) -> dict[str, list[float]] | None:
-        # Every rank holds the full model under ZeRO-1/2, so rank zero alone measures and logs.
-        if not trainer.is_global_zero:
-            return None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            features, labels = pooled_hidden_states(
-                self.model, self.tokenizer, self.texts, self.batch_size, self.max_length,
-                show_progress=trainer.progress_bar_callback is not None,
-            )
-        finally:
-            self.model.train(was_training)
+    def measure(self, trainer: Trainer) -> dict[str, list[float]]:
+        features, labels = pooled_hidden_states(
+            self.model, self.tokenizer, self.texts, self.batch_size, self.max_length,
+            show_progress=trainer.progress_bar_callback is not None,
+        )
         scores = silhouette_per_layer(features, labels)
         log_scalars(
             trainer,

@@ -111,7 +111,7 @@ def test_event_files_hold_the_logged_values(tmp_path):
     run_dir = tmp_path / "run" / "version_0"
     projector = (run_dir / "projector_config.pbtxt").read_text()
     last = f"silhouette/layer_{layers - 1}:00002"
-    assert f'tensor_name: "silhouette/layer_1:00000"' in projector and f'tensor_name: "{last}"' in projector
+    assert 'tensor_name: "silhouette/layer_1:00000"' in projector and f'tensor_name: "{last}"' in projector
     entry = projector[projector.index(last) :]
     folder = run_dir / entry.split('metadata_path: "')[1].split('"')[0].rsplit("/", 1)[0]
     rows = (folder / "metadata.tsv").read_text().splitlines()
