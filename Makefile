@@ -14,7 +14,7 @@ $(VENV)/installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/installed
-	$(PY) -m lightning_moo.showcase
+	OMP_NUM_THREADS=1 $(VENV)/bin/lightning-moo fit --config configs/demo.yaml
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q

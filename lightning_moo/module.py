@@ -144,9 +144,12 @@ class MultilingualLM(LightningModule):
         train = list(getattr(self.trainer.datamodule, "train_languages", []))
         if len(train) != len(losses):
             train = [f"rank{r}" for r in range(len(losses))]
-        values = {f"train/loss_{language}": value for language, value in zip(train, losses)}
+        by_language = dict(zip(train, losses))
+        values = {f"train/loss_{language}": value for language, value in by_language.items()}
         values["train/loss"] = losses.mean()
-        self.log_dict(values, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+        # The progress bar shows each language's loss under its bare code, to stay on one line.
+        self.log_dict(by_language, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------ evaluation

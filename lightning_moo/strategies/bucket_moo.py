@@ -85,6 +85,9 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             numel = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
             self.config["zero_optimization"]["reduce_bucket_size"] = numel
         super().init_deepspeed()
+        trainer = self.lightning_module.trainer
+        if not (trainer and trainer.training):
+            return  # validate/test/predict: DeepSpeed's inference engine, no gradients to combine
         self._check_optimizer()
         if self.mode != "global_two_pass":
             optimizer = self.deepspeed_engine.optimizer

@@ -57,3 +57,20 @@ class StockDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, ds_optimizer
+
+    def _initialize_deepspeed_inference(self, model: Module) -> None:
+        if self.root_device.index is not None:
+            super()._initialize_deepspeed_inference(model)
+            return
+        # validate/test/predict: Lightning passes device_rank=root_device.index, None on CPU. Keep its
+        # inference config and only supply the rank, for the duration of this one call.
+        import deepspeed
+
+        initialize = deepspeed.initialize
+        deepspeed.initialize = lambda args=None, **kwargs: initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), **kwargs
+        )
+        try:
+            super()._initialize_deepspeed_inference(model)
+        finally:
+            deepspeed.initialize = initialize

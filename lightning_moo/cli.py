@@ -1,0 +1,106 @@
+"""``lightning-moo``: LightningCLI for multilingual fine-tuning with bucket-level MOO.
+
+    lightning-moo fit --config configs/demo.yaml
+    lightning-moo fit --config configs/demo.yaml --strategy.solver=CAGrad --strategy.solver.c=0.4
+    lightning-moo validate --config configs/demo.yaml --ckpt_path <run>/checkpoints/last.ckpt
+
+The strategy is a top-level ``strategy:`` section (any Lightning ``Strategy``; default
+``BucketMOOStrategy`` with MGDA), so that its solver is one flag away. Its ``languages`` default to
+``data.train_languages``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from . import solvers  # noqa: F401  (imported so that solver short names like CAGrad resolve)
+from .data import MultilingualDataModule
+from .module import MultilingualLM
+from .strategies import BucketMOOStrategy  # noqa: F401
+
+DEFAULT_STRATEGY = {"class_path": "lightning_moo.strategies.BucketMOOStrategy"}
+
+
+class MOOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_subclass_arguments(Strategy, "strategy", required=False, fail_untyped=False)
+        parser.set_defaults({"strategy": DEFAULT_STRATEGY})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        strategy = config.get("strategy")
+        init_args = getattr(strategy, "init_args", None)
+        if init_args is not None and "languages" in init_args and init_args.languages is None:
+            init_args.languages = list(config.data.train_languages)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if config.get("strategy") is not None:
+            kwargs["strategy"] = config["strategy"]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        summarize(self.trainer)
+
+    def after_validate(self) -> None:
+        summarize(self.trainer)
+
+    def after_test(self) -> None:
+        summarize(self.trainer)
+
+
+@rank_zero_only
+def summarize(trainer: Trainer) -> None:
+    """Where the run wrote its logs and checkpoints, and its last per-language metrics."""
+    console = Console()
+    console.rule("lightning-moo: run summary")
+    # trainer.log_dir would broadcast, a collective that rank zero must not enter alone.
+    log_dir = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+    console.print(f"logs (tensorboard --logdir {Path(log_dir).parent}): {Path(log_dir).resolve()}", soft_wrap=True)
+    checkpoint = trainer.checkpoint_callback
+    for kind in ("last", "best"):
+        path = getattr(checkpoint, f"{kind}_model_path", "") if checkpoint is not None else ""
+        if path:
+            console.print(f"{kind} checkpoint: {Path(path).resolve()}", soft_wrap=True)
+    console.print(f"global step: {trainer.global_step}")
+    table = Table("metric", "value")
+    for name, value in sorted(trainer.callback_metrics.items()):
+        if name.startswith(("val/", "test/", "train/loss")):
+            table.add_row(name, f"{float(value):.4f}")
+    if table.rows:
+        console.print(table)
+
+
+# Messages that are expected here and would otherwise repeat once per rank and step.
+QUIET = (
+    r".*no pre-optimization state was saved",  # manual optimization: checkpoints after the step are what we resume from
+    r".*when logging on epoch level in distributed setting",  # evaluation metrics are already summed over ranks
+    r".*`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r".*all_gather.* is deprecated",
+)
+
+
+def main(args: Any = None) -> None:
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    MOOCLI(
+        MultilingualLM,
+        MultilingualDataModule,
+        # Each rank reads its own language; Lightning must not re-shard the samplers.
+        trainer_defaults={"use_distributed_sampler": False},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

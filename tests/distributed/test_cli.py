@@ -1,0 +1,131 @@
+"""``lightning-moo`` end to end in subprocesses, 2 gloo ranks, tiny model on the built-in corpus:
+fit, validate from the checkpoint, and resume after SIGKILL to the same weights and losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+LANGUAGES = ["deu", "rus"]
+STEPS = 6
+TIMEOUT = 300
+
+
+def config(out: Path, run: str, extra_callbacks=()) -> Path:
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(out / "checkpoints"), "filename": "{step}", "every_n_train_steps": 2,
+                       "save_top_k": -1}},
+        {"class_path": "cli_callbacks.SaveParams", "init_args": {"path": str(out / f"{run}.pt")}},
+        *extra_callbacks,
+    ]
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "max_steps": STEPS, "val_check_interval": 3,
+            "limit_val_batches": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
+            "enable_model_summary": False, "num_sanity_val_steps": 0,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(out / "logs"), "name": run, "version": 0}},
+            "callbacks": callbacks,
+        },
+        "strategy": {"class_path": "lightning_moo.strategies.BucketMOOStrategy",
+                     "init_args": {"solver": {"class_path": "lightning_moo.solvers.MGDA"}, "stage": 2,
+                                   "reduce_bucket_size": 20000}},
+        "model": {"model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
+                  "lr": 3e-3, "warmup_steps": 2},
+        "data": {"train_languages": LANGUAGES, "unseen_languages": ["fra"], "max_length": 48, "batch_size": 4,
+                 "max_eval_examples": 8},
+    }
+    path = out / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args: str, expect_kill: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")]))
+    # A new session, so that a hang or a killed rank zero never leaves its peer rank behind.
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_moo.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, output[-4000:]
+    else:
+        assert proc.returncode == 0, output[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output)
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    result = cli("fit", "--config", str(config(out, "straight")))
+    return out, result
+
+
+def test_fit_logs_every_language_and_validates_seen_and_unseen(straight):
+    out, result = straight
+    logged = scalars(out / "logs" / "straight" / "version_0")
+    for language in LANGUAGES:
+        assert sorted(logged[f"train/loss_{language}"]) == list(range(STEPS))
+    for name in [f"val/bpb_{x}" for x in LANGUAGES + ["fra", "seen", "unseen"]]:
+        assert len(logged[name]) == 2 and all(v > 0 for v in logged[name].values()), name
+    # The languages pull the shared model apart, yet each one's loss falls.
+    for language in LANGUAGES:
+        losses = logged[f"train/loss_{language}"]
+        assert losses[STEPS - 1] < losses[0]
+    assert "run summary" in result.stdout and "checkpoints" in result.stdout
+
+
+def test_validate_from_checkpoint_reproduces_the_in_run_validation(straight):
+    out, _ = straight
+    run_config = config(out, "validate")
+    cli("validate", "--config", str(run_config), "--ckpt_path", str(out / "checkpoints" / f"step={STEPS}.ckpt"))
+    in_run = scalars(out / "logs" / "straight" / "version_0")
+    again = scalars(out / "logs" / "validate" / "version_0")
+    for tag in [f"val/bpb_{x}" for x in LANGUAGES + ["fra"]]:
+        assert list(again[tag].values())[0] == pytest.approx(in_run[tag][max(in_run[tag])], rel=1e-6), tag
+
+
+def test_resume_after_sigkill_reaches_the_same_weights_and_losses(straight, tmp_path):
+    out, _ = straight
+    killed = config(tmp_path, "resumed", extra_callbacks=[{"class_path": "cli_callbacks.KillAt", "init_args": {"step": 4}}])
+    cli("fit", "--config", str(killed), expect_kill=True)
+    checkpoint = tmp_path / "checkpoints" / "step=4.ckpt"
+    assert checkpoint.exists() and not (tmp_path / "resumed.pt").exists()
+    cli("fit", "--config", str(config(tmp_path, "resumed")), "--ckpt_path", str(checkpoint))
+
+    expected, resumed = torch.load(out / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+    reference = scalars(out / "logs" / "straight" / "version_0")
+    after = scalars(tmp_path / "logs" / "resumed" / "version_0")
+    for language in LANGUAGES:
+        tag = f"train/loss_{language}"
+        for step in range(4, STEPS):
+            assert after[tag][step] == reference[tag][step], (tag, step)
+    assert after["val/bpb_seen"][STEPS - 1] == reference["val/bpb_seen"][STEPS - 1]
