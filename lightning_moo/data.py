@@ -47,10 +47,13 @@ class EpochShuffleSampler(Sampler[int]):
     run draws the same order. ``resume(epoch, samples)`` makes the next iteration of that epoch skip
     its first ``samples`` indices, which is how a run resumed mid-epoch continues where it stopped."""
 
-    def __init__(self, size: int, seed: int, language: str, samples_per_epoch: Optional[int] = None):
+    def __init__(self, size: int, seed: int, language: str, samples_per_epoch: Optional[int] = None,
+                 replica: int = 0, replicas: int = 1):
         self.size, self.seed, self.language = size, seed, language
+        # A language trained on k ranks: replica j of k takes every k-th index of the shared order.
+        self.replica, self.replicas = replica, replicas
         # All ranks must run the same number of steps; a smaller epoch takes a new random subset each time.
-        self.samples_per_epoch = size if samples_per_epoch is None else samples_per_epoch
+        self.samples_per_epoch = size // replicas if samples_per_epoch is None else samples_per_epoch
         self.epoch = 0
         self._resume: Optional[tuple[int, int]] = None
 
@@ -67,7 +70,8 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self):
         key = hashlib.sha256(f"{self.seed}/{self.epoch}/{self.language}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-        order = torch.randperm(self.size, generator=generator)[: self.samples_per_epoch].tolist()
+        order = torch.randperm(self.size, generator=generator)[self.replica :: self.replicas]
+        order = order[: self.samples_per_epoch].tolist()
         skip = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             skip, self._resume = self._resume[1], None
@@ -348,15 +352,22 @@ class MultilingualDataModule(pl.LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         return (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
 
+    def _language_group(self) -> tuple[int, int]:
+        """(ranks per language k, this rank's replica index): ranks t·k … t·k + k - 1 train language t."""
+        rank, world = self._rank_and_world()
+        languages = len(self.train_languages)
+        if world % languages:
+            raise ValueError(
+                f"world size {world} is not a multiple of the {languages} train_languages "
+                f"({', '.join(self.train_languages)}): run k × {languages} processes (k ranks per language)"
+            )
+        k = world // languages
+        return k, rank % k
+
     @property
     def train_language(self) -> str:
-        rank, world = self._rank_and_world()
-        if world != len(self.train_languages):
-            raise ValueError(
-                f"world size {world} != {len(self.train_languages)} train_languages "
-                f"({', '.join(self.train_languages)}): run one process per training language"
-            )
-        return self.train_languages[rank]
+        k, _ = self._language_group()
+        return self.train_languages[self._rank_and_world()[0] // k]
 
     # ----- loading -----
 
@@ -656,7 +667,7 @@ class MultilingualDataModule(pl.LightningDataModule):
     def _batches_per_epoch(self, world: int) -> int:
         """Training batches per epoch, the same on every rank (the smallest language sets it), so
         the ranks step together."""
-        size = len(self.examples[(self.train_language, "train")])
+        size = len(self.examples[(self.train_language, "train")]) // self._language_group()[0]
         batches = size // self.batch_size
         if world > 1:
             strategy = self.trainer.strategy
@@ -676,7 +687,10 @@ class MultilingualDataModule(pl.LightningDataModule):
         if self._train_batches is None:
             self._train_batches = self._batches_per_epoch(self._rank_and_world()[1])
         examples = self.examples[(language, "train")]
-        sampler = EpochShuffleSampler(len(examples), self.seed, language, self._train_batches * self.batch_size)
+        replicas, replica = self._language_group()
+        sampler = EpochShuffleSampler(
+            len(examples), self.seed, language, self._train_batches * self.batch_size, replica, replicas
+        )
         if self._resume is not None:
             sampler.resume(self._resume[0], self._resume[1] * self.batch_size)
             self._resume = None

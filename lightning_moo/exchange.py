@@ -37,7 +37,28 @@ class Exchange(ABC):
 
     ``pieces`` are ``(start, end)`` element ranges that tile the bucket (its parameters): one T×T Gram
     is returned per piece, and the solver sees their sum, the bucket's Gram.
+
+    Language groups: with ``ranks_per_language = k`` the N = k·T ranks hold k gradients per language
+    (rank r trains language r // k). The Grams are those of the T language means, ``A G_N Aᵀ`` with
+    ``A`` the averaging matrix, and rank r's gradient enters the combination with weight ``w_t / k``:
+    the same messages as with one rank per language, and ``Mean`` stays the plain average over N.
     """
+
+    ranks_per_language: int = 1
+
+    def language_grams(self, grams: Tensor) -> Tensor:
+        """``[..., N, N]`` Grams of the ranks' gradients -> ``[..., T, T]`` Grams of the language means."""
+        k = self.ranks_per_language
+        if k == 1:
+            return grams
+        *lead, n, _ = grams.shape
+        t = n // k
+        return grams.reshape(*lead, t, k, t, k).sum((-3, -1)) / (k * k)
+
+    def rank_weights(self, w: Tensor) -> Tensor:
+        """The solver's T language weights as N rank weights: ``w_t / k`` for each rank of language t."""
+        k = self.ranks_per_language
+        return w if k == 1 else w.repeat_interleave(k) / k
 
     @abstractmethod
     def reduce(
@@ -49,7 +70,7 @@ class Exchange(ABC):
     def gram(self, tensor: Tensor, group=None) -> Tensor:
         """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
         mine = _gather_slices(tensor, even_segments(tensor.numel(), dist.get_world_size(group)), group)
-        partial = gram(mine)
+        partial = self.language_grams(gram(mine))
         dist.all_reduce(partial, group=group)
         return partial
 
@@ -65,9 +86,9 @@ class AllGatherExchange(Exchange):
         flat = tensor.new_empty(world * tensor.numel())
         dist.all_gather_into_tensor(flat, tensor.contiguous(), group=group)
         grads = flat.view(world, tensor.numel())
-        piece_grams = _piece_grams(grads, 0, pieces)
+        piece_grams = self.language_grams(_piece_grams(grads, 0, pieces))
         w = solve(piece_grams.sum(0))
-        combine(w, grads, out=tensor)
+        combine(self.rank_weights(w), grads, out=tensor)
         return piece_grams, w
 
 
@@ -93,10 +114,10 @@ class ShardedExchange(Exchange):
         scratch, combined = work[:scratch_len], work[scratch_len:]
         mine = _gather_slices(tensor, slices, group, out=scratch[: world * m].view(world, m))
         # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
-        piece_grams = _piece_grams(mine, slices[rank].start, pieces)
+        piece_grams = self.language_grams(_piece_grams(mine, slices[rank].start, pieces))
         dist.all_reduce(piece_grams, group=group)
         w = solve(piece_grams.sum(0))
-        combine(w, mine, out=combined)
+        combine(self.rank_weights(w), mine, out=combined)
         _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
         return piece_grams, w
 

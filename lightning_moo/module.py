@@ -82,6 +82,9 @@ class MultilingualLM(LightningModule):
         self.tokenizer = load_tokenizer(tokenizer, gguf)
         torch_dtype = getattr(torch, dtype) if dtype is not None else None
         self.model = load_causal_lm(pretrained, model_config, gguf_file, vocab_size=len(self.tokenizer), dtype=torch_dtype)
+        # from_pretrained returns the model in eval mode; Lightning keeps submodule modes as given,
+        # so fine-tuning would silently run without dropout.
+        self.model.train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.languages: list[str] = []
@@ -168,10 +171,16 @@ class MultilingualLM(LightningModule):
             metrics["accuracy"].update(self.choose(batch), batch["label_index"])
 
     def choose(self, batch: dict[str, Any]) -> Tensor:
-        """Index of the label the model finds most likely (summed log-probability of its tokens)."""
-        b, c, length = batch["choice_input_ids"].shape
-        logits = self(batch["choice_input_ids"].reshape(b * c, length), batch["choice_attention_mask"].reshape(b * c, length))
-        return (-token_nll(logits, batch["choice_labels"].reshape(b * c, length))).reshape(b, c).argmax(-1)
+        """Index of the label the model finds most likely (summed log-probability of its tokens).
+
+        One forward per example over its C choices: the full-vocabulary logits of B·C sequences at
+        once would take B·C·L·V floats (1.8 GB for 8 examples, 7 labels, SmolLM2's 49k vocabulary).
+        """
+        scores = [
+            -token_nll(self(ids, mask), labels)
+            for ids, mask, labels in zip(batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
+        ]
+        return torch.stack(scores).argmax(-1)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")

@@ -273,11 +273,34 @@ def test_train_language_per_rank(tmp_path, byt5):
     assert batch["language"] == "fra"
     assert all(byt5.decode(loss_ids(batch, i), skip_special_tokens=True).startswith("fra") for i in range(2))
     dm.trainer = fake_trainer(0, 3)
-    with pytest.raises(ValueError, match=r"world size 3 != 2 train_languages"):
+    with pytest.raises(ValueError, match=r"world size 3 is not a multiple of the 2 train_languages"):
         dm.train_language
     dm.trainer = fake_trainer(0, 2, distributed_sampler=True)
     with pytest.raises(ValueError, match="use_distributed_sampler: false"):
         dm.setup("validate")
+
+
+def test_language_groups_split_each_language_between_its_ranks(tmp_path, byt5):
+    """World 4 = 2 languages × 2 ranks: ranks 0, 1 read deu, ranks 2, 3 fra; a language's ranks see
+    disjoint rows, and together all the rows an epoch holds."""
+    for lang in ("deu", "fra"):
+        write_jsonl(tmp_path / f"{lang}.jsonl", [{"text": f"{lang} {i}"} for i in range(20)])
+    seen = {}
+    for rank in range(4):
+        dm = MultilingualDataModule(["deu", "fra"], source=str(tmp_path), file_pattern="{language}.jsonl",
+                                    tokenizer=byt5, batch_size=2, splits={"train": "train"})
+        dm.trainer = fake_trainer(rank, 4)
+        dm._prepare(dm.train_language, "train")
+        dm._train_batches = len(dm.examples[(dm.train_language, "train")]) // 2 // 2
+        texts = [byt5.decode(loss_ids(b, i), skip_special_tokens=True)
+                 for b in dm.train_dataloader() for i in range(len(b["input_ids"]))]
+        seen[rank] = (dm.train_language, texts)
+    assert [seen[r][0] for r in range(4)] == ["deu", "deu", "fra", "fra"]
+    for a, b in ((0, 1), (2, 3)):
+        assert not set(seen[a][1]) & set(seen[b][1])
+        rows = len(dm.load_rows(seen[a][0], "train"))
+        assert len(seen[a][1]) + len(seen[b][1]) == rows // 4 * 4  # full batches of 2 on each replica
+        assert all(t.startswith(seen[a][0]) for t in seen[a][1] + seen[b][1])
 
 
 def test_epoch_shuffle_sampler_is_deterministic_and_resumable():

@@ -23,7 +23,8 @@ _SOLVER_STATE = "bucket_moo_solver"
 
 
 class BucketMOOStrategy(StockDeepSpeedStrategy):
-    """DeepSpeed ZeRO stage 1 or 2 with one rank per language and a MOO solver per gradient bucket.
+    """DeepSpeed ZeRO stage 1 or 2 with one language per rank (or per group of k ranks) and a MOO
+    solver per gradient bucket.
 
     Rank t trains language t. Where stock data parallelism averages the languages' gradients of a
     bucket, this applies ``sum_t w_t g_t`` with ``w = solver(G)``, ``G`` the bucket's T×T Gram
@@ -38,7 +39,10 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         mode: ``"bucket"`` (per ZeRO bucket); ``"global"`` (the whole model is one bucket: the
             global-MOO baseline); ``"global_two_pass"`` (the same global weights from the Gram of a
             first backward, then DeepSpeed's stock reduction of ``sum_t w_t L_t``).
-        languages: number of languages (or their names); must equal the world size.
+        languages: number of languages T (or their names); the world size must be a multiple k × T.
+            Ranks ``t·k … t·k + k - 1`` train language t (a language group): the solver combines the
+            T language means, and exchange volume and memory stay those of one rank per language.
+            Default: one language per rank.
         **kwargs: everything Lightning's ``DeepSpeedStrategy`` takes (``stage``, ``config``, ...).
     """
 
@@ -67,14 +71,27 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             return {0: self.global_info} if self.global_info is not None else {}
         return self.hook.buckets if self.hook is not None else {}
 
+    @property
+    def num_languages(self) -> int:
+        if self.languages is None:
+            return self.world_size
+        return self.languages if isinstance(self.languages, int) else len(self.languages)
+
+    @property
+    def language(self) -> int:
+        """The language this rank trains: ranks ``t·k … t·k + k - 1`` form language t's group."""
+        return self.global_rank // self.exchange.ranks_per_language
+
     def setup_distributed(self) -> None:
         self.set_world_ranks()
-        expected = self.languages if isinstance(self.languages, int) else None if self.languages is None else len(self.languages)
-        if expected is not None and expected != self.world_size:
+        languages = self.num_languages
+        if languages < 1 or self.world_size % languages:
             raise MisconfigurationException(
-                f"BucketMOOStrategy trains one language per rank: {expected} languages need world size "
-                f"{expected}, got {self.world_size} (devices × num_nodes)."
+                f"BucketMOOStrategy trains each language on k ranks: world size {self.world_size} "
+                f"(devices × num_nodes) is not a multiple of {languages} languages. Use k × {languages} "
+                f"devices (e.g. {languages} or {2 * languages}), or train {self.world_size} languages."
             )
+        self.exchange.ranks_per_language = self.world_size // languages
         super().setup_distributed()
 
     def init_deepspeed(self) -> None:
@@ -103,8 +120,10 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
     def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
         if self.mode == "global_two_pass":
             w = self._global_weights(closure_loss)
-            # DeepSpeed averages over the T ranks: scaling by T * w_t makes the average sum_t w_t g_t.
-            closure_loss = closure_loss * (self.world_size * w[self.global_rank]).to(closure_loss.dtype)
+            # DeepSpeed averages over the N = k·T ranks: scaling by N·w_t/k makes the average
+            # sum_t w_t (mean gradient of language t).
+            scale = self.world_size * w[self.language] / self.exchange.ranks_per_language
+            closure_loss = closure_loss * scale.to(closure_loss.dtype)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def _global_weights(self, loss: Tensor) -> Tensor:
@@ -126,7 +145,7 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             del engine._backward_prologue
         grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
         limit = int(self.config["zero_optimization"].get("reduce_bucket_size", 500_000_000))
-        g = torch.zeros(self.world_size, self.world_size, dtype=torch.float64, device=loss.device)
+        g = torch.zeros(self.num_languages, self.num_languages, dtype=torch.float64, device=loss.device)
         chunk: list[Tensor] = []
         size = 0
         for grad in grads + [None]:
@@ -198,6 +217,6 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             )
         if dist.get_world_size(optimizer.dp_process_group) != self.world_size:
             raise MisconfigurationException(
-                "BucketMOOStrategy needs pure data parallelism (one language per rank); DeepSpeed's "
+                "BucketMOOStrategy needs pure data parallelism over all ranks; DeepSpeed's "
                 "data-parallel group is smaller than the world."
             )

@@ -69,7 +69,8 @@ class ZeroBucketHook:
         )  # on the bucket's device: NCCL gathers only device tensors
         every = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, flags, group=group)
-        bad = [f"language {t}: {p.name}" for t, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+        k = self.exchange.ranks_per_language
+        bad = [f"rank {r} (language {r // k}): {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
         raise FloatingPointError(
             f"non-finite gradient in ZeRO bucket {index} at step {self.step} "
             f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "

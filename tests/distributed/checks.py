@@ -14,10 +14,12 @@ def load(net: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.nn.Modu
     return net
 
 
-def language_grads(params: dict[str, torch.Tensor], language: int, step: int) -> dict[str, torch.Tensor]:
-    """Language ``language``'s full gradient at ``params`` on its batch of ``step``."""
+def language_grads(params: dict[str, torch.Tensor], language: int, step: int, replicas: int = 1) -> dict[str, torch.Tensor]:
+    """Language ``language``'s full gradient at ``params`` on its batch of ``step``; with
+    ``replicas`` k, the mean over the batches of the language's k ranks."""
     net = load(make_net(), params)
-    grads = torch.autograd.grad(loss_fn(net, language, step), list(net.parameters()))
+    loss = sum(loss_fn(net, language, step, j) for j in range(replicas)) / replicas
+    grads = torch.autograd.grad(loss, list(net.parameters()))
     return {f"net.{n}": g for (n, _), g in zip(net.named_parameters(), grads)}
 
 

@@ -18,35 +18,37 @@ def make_net() -> nn.Module:
     return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
 
 
-def batch(language: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(language: int, step: int, replica: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Language ``language``'s batch of ``step``; ``replica`` j > 0 draws other inputs of the same
+    language (the j-th rank of a language group)."""
     # Opposite targets plus a language-specific part: the languages' gradients conflict.
     gen = torch.Generator().manual_seed(1)
     shared = torch.randn(IN, OUT, generator=gen)
     gen.manual_seed(1000 * language + 2)
     target_map = (-1) ** language * shared + 0.5 * torch.randn(IN, OUT, generator=gen)
-    gen.manual_seed(1_000_003 * (step + 1) + language)
+    gen.manual_seed(1_000_003 * (step + 1) + language + 7919 * replica)
     x = torch.randn(BATCH, IN, generator=gen)
     return x, torch.tanh(x @ target_map)
 
 
-def loss_fn(net: nn.Module, language: int, step: int) -> torch.Tensor:
-    x, y = batch(language, step)
+def loss_fn(net: nn.Module, language: int, step: int, replica: int = 0) -> torch.Tensor:
+    x, y = batch(language, step, replica)
     return nn.functional.mse_loss(net(x), y)
 
 
 class ToyModule(pl.LightningModule):
     """Rank r trains language r; micro-batch ``i`` of the run is ``batch(r, i)``."""
 
-    def __init__(self, language: int, optimizer: str = "sgd", lr: float = 0.1) -> None:
+    def __init__(self, language: int, optimizer: str = "sgd", lr: float = 0.1, replica: int = 0) -> None:
         super().__init__()
         self.net = make_net()
-        self.language, self.optimizer_name, self.lr = language, optimizer, lr
+        self.language, self.optimizer_name, self.lr, self.replica = language, optimizer, lr, replica
 
     def training_step(self, _, batch_idx):
         # From the trainer's counters rather than the data, so a resumed run continues the sequence.
         accumulate = self.trainer.accumulate_grad_batches
         micro_step = self.trainer.global_step * accumulate + batch_idx % accumulate
-        x, y = batch(self.language, micro_step)
+        x, y = batch(self.language, micro_step, self.replica)
         dtype = self.net[0].weight.dtype  # bf16 when DeepSpeed runs the model in bf16
         return nn.functional.mse_loss(self.net(x.to(dtype)).float(), y)
 

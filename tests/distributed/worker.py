@@ -81,7 +81,11 @@ def make_strategy(spec: dict):
 def run(spec: dict, rank: int, world: int, out: str) -> bool:
     accumulate, steps = spec.get("accumulate", 1), spec.get("steps", 3)
     kwargs = dict(optimizer=spec.get("optimizer", "sgd"), lr=spec.get("lr", 0.1))
-    module = NaNLoss(rank, nan_at=spec["nan_at"], **kwargs) if "nan_at" in spec else ToyModule(rank, **kwargs)
+    # "ranks_per_language" k: ranks t·k … t·k + k - 1 train language t on different batches.
+    k = spec.get("ranks_per_language", 1)
+    kwargs["replica"] = rank % k
+    language = rank // k
+    module = NaNLoss(language, nan_at=spec["nan_at"], **kwargs) if "nan_at" in spec else ToyModule(language, **kwargs)
     recorder = Recorder(accumulate)
     data = DataLoader(range(steps * accumulate), batch_size=None)
     # "monitor": ConflictMonitor arguments; its TensorBoard events go to OUT/<name>/.
@@ -113,7 +117,7 @@ def run(spec: dict, rank: int, world: int, out: str) -> bool:
             first.fit(module, data)
             path = os.path.join(out, f"{spec['name']}.ckpt")
             first.save_checkpoint(path)
-            module = ToyModule(rank, **kwargs)
+            module = ToyModule(language, **kwargs)
             trainer(steps).fit(module, data, ckpt_path=path)
         else:
             trainer(steps).fit(module, data)
