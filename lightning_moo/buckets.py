@@ -75,6 +75,11 @@ def bucket_layout(optimizer, comm_dtype: torch.dtype, names: dict[int, str]) -> 
     return params, segments
 
 
+def bucket_params(optimizer, comm_dtype: torch.dtype) -> list[Tensor]:
+    """The parameters of the bucket ``optimizer`` is about to reduce, in the bucket's order."""
+    return [optimizer.bit16_groups[g][i] for g, i, _ in optimizer.ipg_buckets[comm_dtype].params]
+
+
 def even_segments(numel: int, world_size: int) -> list[Segment]:
     """Split ``numel`` elements into ``world_size`` contiguous, nearly equal segments (rank r owns the r-th)."""
     bounds = [numel * r // world_size for r in range(world_size + 1)]

@@ -12,7 +12,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import datasets
 import lightning.pytorch as pl
@@ -353,21 +353,34 @@ class MultilingualDataModule(pl.LightningDataModule):
         return (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
 
     def _language_group(self) -> tuple[int, int]:
-        """(ranks per language k, this rank's replica index): ranks t·k … t·k + k - 1 train language t."""
+        """(ranks per language k, this rank's replica index): ranks t·k … t·k + k - 1 train language t.
+        With more languages than ranks, k = 1 and rank r trains m = T / world languages."""
         rank, world = self._rank_and_world()
         languages = len(self.train_languages)
-        if world % languages:
+        if (world % languages) if world >= languages else (languages % world):
             raise ValueError(
                 f"world size {world} is not a multiple of the {languages} train_languages "
-                f"({', '.join(self.train_languages)}): run k × {languages} processes (k ranks per language)"
+                f"({', '.join(self.train_languages)}) nor a divisor of it: run k × {languages} processes "
+                f"(k ranks per language) or a number of processes that divides {languages}"
             )
-        k = world // languages
+        k = max(world // languages, 1)
         return k, rank % k
 
     @property
-    def train_language(self) -> str:
+    def rank_train_languages(self) -> list[str]:
+        """The languages this rank trains: one (also when k ranks share it), or m consecutive ones."""
         k, _ = self._language_group()
-        return self.train_languages[self._rank_and_world()[0] // k]
+        rank, world = self._rank_and_world()
+        m = max(len(self.train_languages) // world, 1)
+        start = rank // k * m
+        return self.train_languages[start : start + m]
+
+    @property
+    def train_language(self) -> str:
+        languages = self.rank_train_languages
+        if len(languages) > 1:
+            raise ValueError(f"this rank trains {len(languages)} languages; use rank_train_languages")
+        return languages[0]
 
     # ----- loading -----
 
@@ -659,49 +672,59 @@ class MultilingualDataModule(pl.LightningDataModule):
             )
         steps = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ("test",)}
         for step in steps.get(stage, STAGES):
-            for language in [self.train_language] if step == "train" else self.eval_languages:
+            for language in self.rank_train_languages if step == "train" else self.eval_languages:
                 self._prepare(language, step)
         if (stage in (None, "fit")) and self._train_batches is None:
             self._train_batches = self._batches_per_epoch(world)
 
     def _batches_per_epoch(self, world: int) -> int:
-        """Training batches per epoch, the same on every rank (the smallest language sets it), so
-        the ranks step together."""
-        size = len(self.examples[(self.train_language, "train")]) // self._language_group()[0]
-        batches = size // self.batch_size
+        """Training batches per epoch, the same on every rank and language (the smallest language
+        sets it), so the ranks step together."""
+        k = self._language_group()[0]
+        sizes = {language: len(self.examples[(language, "train")]) // k for language in self.rank_train_languages}
+        smallest = min(sizes, key=sizes.get)
+        batches = sizes[smallest] // self.batch_size
         if world > 1:
             strategy = self.trainer.strategy
             local = torch.tensor(batches, device=strategy.root_device)
             batches = int(strategy.reduce(local, reduce_op="min"))
         if batches == 0:
             raise DataError(
-                f"{size} training examples for {self.train_language!r} make no full batch of batch_size="
+                f"{sizes[smallest]} training examples for {smallest!r} make no full batch of batch_size="
                 f"{self.batch_size} (on this or another rank); lower batch_size or add data"
             )
         return batches
 
-    def train_dataloader(self) -> DataLoader:
-        language = self.train_language
-        # Lightning's DeepSpeed strategy asks for it outside fit too (to read the batch size).
-        self._prepare(language, "train")
+    def train_dataloader(self) -> Union[DataLoader, list[DataLoader]]:
+        """This rank's language's loader; with several languages per rank, one per language (Lightning
+        then yields a list of their batches, in language order)."""
+        languages = self.rank_train_languages
+        for language in languages:
+            # Lightning's DeepSpeed strategy asks for it outside fit too (to read the batch size).
+            self._prepare(language, "train")
         if self._train_batches is None:
             self._train_batches = self._batches_per_epoch(self._rank_and_world()[1])
-        examples = self.examples[(language, "train")]
         replicas, replica = self._language_group()
-        sampler = EpochShuffleSampler(
-            len(examples), self.seed, language, self._train_batches * self.batch_size, replica, replicas
-        )
-        if self._resume is not None:
-            sampler.resume(self._resume[0], self._resume[1] * self.batch_size)
-            self._resume = None
-        return DataLoader(
-            examples,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            collate_fn=Collate(self._pad_id(), language),
-            num_workers=self.num_workers,
-        )
+        loaders = []
+        for language in languages:
+            examples = self.examples[(language, "train")]
+            sampler = EpochShuffleSampler(
+                len(examples), self.seed, language, self._train_batches * self.batch_size, replica, replicas
+            )
+            if self._resume is not None:
+                sampler.resume(self._resume[0], self._resume[1] * self.batch_size)
+            loaders.append(
+                DataLoader(
+                    examples,
+                    batch_size=self.batch_size,
+                    sampler=sampler,
+                    drop_last=True,
+                    collate_fn=Collate(self._pad_id(), language),
+                    num_workers=self.num_workers,
+                )
+            )
+        self._resume = None
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id

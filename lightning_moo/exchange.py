@@ -47,7 +47,7 @@ class Exchange(ABC):
     ranks_per_language: int = 1
 
     def language_grams(self, grams: Tensor) -> Tensor:
-        """``[..., N, N]`` Grams of the ranks' gradients -> ``[..., T, T]`` Grams of the language means."""
+        """``[..., R, R]`` Grams of the gathered gradients -> ``[..., T, T]`` Grams of the language means."""
         k = self.ranks_per_language
         if k == 1:
             return grams
@@ -55,21 +55,29 @@ class Exchange(ABC):
         t = n // k
         return grams.reshape(*lead, t, k, t, k).sum((-3, -1)) / (k * k)
 
-    def rank_weights(self, w: Tensor) -> Tensor:
-        """The solver's T language weights as N rank weights: ``w_t / k`` for each rank of language t."""
+    def row_weights(self, w: Tensor) -> Tensor:
+        """The solver's T language weights as weights of the R gathered gradients: ``w_t / k`` for each
+        of language t's k ranks."""
         k = self.ranks_per_language
         return w if k == 1 else w.repeat_interleave(k) / k
 
     @abstractmethod
     def reduce(
-        self, tensor: Tensor, segments: Sequence[Segment], pieces: Sequence[tuple[int, int]], solve: Solve, group=None
+        self,
+        tensor: Tensor,
+        segments: Sequence[Segment],
+        pieces: Sequence[tuple[int, int]],
+        solve: Solve,
+        group=None,
+        others: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Overwrite this rank's segments of ``tensor`` with the solver's combination; return
-        ``(G_pieces [P, T, T], w)``."""
+        ``(G_pieces [P, T, T], w)``. ``others`` ([m - 1, n]): the gradients of this rank's other
+        languages when it trains m, which come before ``tensor``'s language."""
 
     def gram(self, tensor: Tensor, group=None) -> Tensor:
         """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
-        mine = _gather_slices(tensor, even_segments(tensor.numel(), dist.get_world_size(group)), group)
+        mine = _gather_slices(tensor.view(1, -1), even_segments(tensor.numel(), dist.get_world_size(group)), group)
         partial = self.language_grams(gram(mine))
         dist.all_reduce(partial, group=group)
         return partial
@@ -79,16 +87,23 @@ class AllGatherExchange(Exchange):
     """Every rank gathers the whole bucket from every language and solves on its own."""
 
     def reduce(
-        self, tensor: Tensor, segments: Sequence[Segment], pieces: Sequence[tuple[int, int]], solve: Solve, group=None
+        self,
+        tensor: Tensor,
+        segments: Sequence[Segment],
+        pieces: Sequence[tuple[int, int]],
+        solve: Solve,
+        group=None,
+        others: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         world = dist.get_world_size(group)
+        rows = _rows(tensor, others)
         # gloo's all_gather_into_tensor wants one flat output of world × n elements.
-        flat = tensor.new_empty(world * tensor.numel())
-        dist.all_gather_into_tensor(flat, tensor.contiguous(), group=group)
-        grads = flat.view(world, tensor.numel())
+        flat = tensor.new_empty(world * rows.numel())
+        dist.all_gather_into_tensor(flat, rows.reshape(-1), group=group)
+        grads = flat.view(world * rows.shape[0], tensor.numel())
         piece_grams = self.language_grams(_piece_grams(grads, 0, pieces))
         w = solve(piece_grams.sum(0))
-        combine(self.rank_weights(w), grads, out=tensor)
+        combine(self.row_weights(w), grads, out=tensor)
         return piece_grams, w
 
 
@@ -101,23 +116,31 @@ class ShardedExchange(Exchange):
         self._workspace: Tensor | None = None
 
     def reduce(
-        self, tensor: Tensor, segments: Sequence[Segment], pieces: Sequence[tuple[int, int]], solve: Solve, group=None
+        self,
+        tensor: Tensor,
+        segments: Sequence[Segment],
+        pieces: Sequence[tuple[int, int]],
+        solve: Solve,
+        group=None,
+        others: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        rows = _rows(tensor, others)
         # Even slices, not DeepSpeed's partitions: a bucket often lies inside one rank's partition,
         # and that rank would then receive all T copies of it and solve alone.
         slices = even_segments(tensor.numel(), world)
         m = slices[rank].length
-        # Layout: [received T×m slices, later reused for the second all-to-all | combined slice].
-        scratch_len = max(world * m, tensor.numel())
+        gathered = world * rows.shape[0]
+        # Layout: [received R×m slices, later reused for the second all-to-all | combined slice].
+        scratch_len = max(gathered * m, tensor.numel())
         work = self._buffer(scratch_len + m, tensor)
         scratch, combined = work[:scratch_len], work[scratch_len:]
-        mine = _gather_slices(tensor, slices, group, out=scratch[: world * m].view(world, m))
+        mine = _gather_slices(rows, slices, group, out=scratch[: gathered * m].view(gathered, m))
         # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
         piece_grams = self.language_grams(_piece_grams(mine, slices[rank].start, pieces))
         dist.all_reduce(piece_grams, group=group)
         w = solve(piece_grams.sum(0))
-        combine(self.rank_weights(w), mine, out=combined)
+        combine(self.row_weights(w), mine, out=combined)
         _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
         return piece_grams, w
 
@@ -164,12 +187,23 @@ def _send_to_owners(
         offset += n
 
 
-def _gather_slices(tensor: Tensor, slices: Sequence[Segment], group, out: Tensor | None = None) -> Tensor:
-    """All-to-all: rank r receives slice r of every rank's ``tensor``, as a T×m matrix."""
+def _rows(tensor: Tensor, others: Tensor | None) -> Tensor:
+    """This rank's gradients of the bucket as rows, in language order."""
+    row = tensor.view(1, -1)
+    return row if others is None else torch.cat([others.to(tensor.dtype), row])
+
+
+def _gather_slices(rows: Tensor, slices: Sequence[Segment], group, out: Tensor | None = None) -> Tensor:
+    """All-to-all: rank r receives slice r of every rank's rows ([m, n] each), as an (N·m)×len matrix
+    whose row ``rank·m + i`` is row i of that rank."""
     world, rank = len(slices), dist.get_rank(group)
-    m = slices[rank].length
-    mine = tensor.new_empty(world, m) if out is None else out
-    dist.all_to_all_single(mine.view(-1), tensor, [m] * world, [s.length for s in slices], group=group)
+    count, length = rows.shape[0], slices[rank].length
+    if count == 1:
+        send = rows.view(-1)
+    else:  # each destination's slice of all m rows, contiguous
+        send = torch.cat([rows[:, s.start : s.start + s.length].reshape(-1) for s in slices])
+    mine = rows.new_empty(world * count, length) if out is None else out
+    dist.all_to_all_single(mine.view(-1), send, [count * length] * world, [count * s.length for s in slices], group=group)
     return mine
 
 

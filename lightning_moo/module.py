@@ -9,7 +9,7 @@ label-style tasks, accuracy from the model's likelihood of each label.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -128,28 +128,48 @@ class MultilingualLM(LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Union[dict[str, Any], list[dict[str, Any]]], batch_idx: int) -> Tensor:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        labels = batch["labels"]
-        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), labels)
-        tokens = (labels[:, 1:] != -100).sum()
-        loss = nll.sum() / tokens.clamp(min=1)
+        # Several languages per rank arrive as a list of batches, one per language, in order.
+        batches = batch if isinstance(batch, list) else [batch]
+        if len(batches) > 1 and not hasattr(self.trainer.strategy, "stash_gradient"):
+            raise TypeError(
+                f"{len(batches)} languages on one rank need BucketMOOStrategy (it keeps each language's "
+                f"gradient apart); {type(self.trainer.strategy).__name__} would sum them"
+            )
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        losses = []
+        for i, language_batch in enumerate(batches):
+            loss = self._loss(language_batch)
+            if i < len(batches) - 1:
+                # All but the last language: its gradient is kept aside for this step's buckets.
+                self.trainer.strategy.stash_gradient(loss)
+            else:
+                self.manual_backward(loss)
+            losses.append(loss.detach())
         optimizer.step()
         scheduler.step()
-        self._log_train_losses(loss.detach())
-        return loss.detach()
+        self._log_train_losses(torch.stack(losses))
+        return losses[-1]
 
-    def _log_train_losses(self, loss: Tensor) -> None:
-        # Every rank holds one language's loss: gather them so each is logged under its language.
-        losses = self.all_gather(loss).reshape(-1)
+    def _loss(self, batch: dict[str, Any]) -> Tensor:
+        """Mean token loss of one language's batch (over the tokens that carry a label)."""
+        labels = batch["labels"]
+        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), labels)
+        return nll.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+
+    def _log_train_losses(self, losses: Tensor) -> None:
+        # Every rank holds its languages' losses: gather them so each is logged under its language
+        # (rank r's m languages are r·m … r·m + m - 1; a language's k ranks are averaged).
+        gathered = self.all_gather(losses).reshape(-1)
         train = list(getattr(self.trainer.datamodule, "train_languages", []))
-        if len(train) != len(losses):
-            train = [f"rank{r}" for r in range(len(losses))]
-        by_language = dict(zip(train, losses))
+        if train and len(gathered) % len(train) == 0:
+            per_language = gathered.reshape(len(train), -1).mean(1)
+        else:
+            train, per_language = [f"rank{r}" for r in range(len(gathered))], gathered
+        by_language = dict(zip(train, per_language))
         values = {f"train/loss_{language}": value for language, value in by_language.items()}
-        values["train/loss"] = losses.mean()
+        values["train/loss"] = per_language.mean()
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
         # The progress bar shows each language's loss under its bare code, to stay on one line.
         self.log_dict(by_language, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)

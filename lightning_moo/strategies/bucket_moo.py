@@ -42,6 +42,9 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         languages: number of languages T (or their names); the world size must be a multiple k × T.
             Ranks ``t·k … t·k + k - 1`` train language t (a language group): the solver combines the
             T language means, and exchange volume and memory stay those of one rank per language.
+            With more languages than ranks (T = m × world size, down to one process), rank r trains
+            languages ``r·m … r·m + m - 1``: the module calls ``stash_gradient(loss)`` for the first m - 1
+            and backpropagates the last; the buckets and the solver are those of a T-rank run.
             Default: one language per rank.
         **kwargs: everything Lightning's ``DeepSpeedStrategy`` takes (``stage``, ``config``, ...).
     """
@@ -63,6 +66,7 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         self.languages = languages
         self.hook: Optional[ZeroBucketHook] = None
         self.global_info: Optional[BucketInfo] = None
+        self.languages_per_rank = 1
 
     @property
     def buckets(self) -> dict[int, BucketInfo]:
@@ -79,20 +83,44 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
 
     @property
     def language(self) -> int:
-        """The language this rank trains: ranks ``t·k … t·k + k - 1`` form language t's group."""
-        return self.global_rank // self.exchange.ranks_per_language
+        """The (first) language this rank trains: ranks ``t·k … t·k + k - 1`` form language t's
+        group; with m languages per rank, rank r trains ``r·m … r·m + m - 1``."""
+        return self.global_rank * self.languages_per_rank // self.exchange.ranks_per_language
 
     def setup_distributed(self) -> None:
         self.set_world_ranks()
-        languages = self.num_languages
-        if languages < 1 or self.world_size % languages:
+        languages, world = self.num_languages, self.world_size
+        if languages >= world and languages % world:
             raise MisconfigurationException(
-                f"BucketMOOStrategy trains each language on k ranks: world size {self.world_size} "
-                f"(devices × num_nodes) is not a multiple of {languages} languages. Use k × {languages} "
-                f"devices (e.g. {languages} or {2 * languages}), or train {self.world_size} languages."
+                f"BucketMOOStrategy trains the same number of languages on every rank: {languages} languages "
+                f"do not split over world size {world} (devices × num_nodes). Use a world size that divides "
+                f"{languages} (e.g. 1 or {languages}), or train a multiple of {world} languages."
             )
-        self.exchange.ranks_per_language = self.world_size // languages
+        if languages < world and world % languages:
+            raise MisconfigurationException(
+                f"BucketMOOStrategy trains each language on k ranks: world size {world} (devices × num_nodes) "
+                f"is not a multiple of {languages} languages. Use k × {languages} devices (e.g. {languages} or "
+                f"{2 * languages}), or train {world} languages."
+            )
+        self.exchange.ranks_per_language = max(world // languages, 1)
+        self.languages_per_rank = max(languages // world, 1)
         super().setup_distributed()
+
+    def stash_gradient(self, loss: Tensor) -> None:
+        """With m languages per rank: this language's gradient, kept for the buckets of this step.
+
+        Call it for the first m - 1 languages' losses, then ``manual_backward`` the last one: the
+        buckets DeepSpeed then reduces carry the last language's gradient, and the hook adds the
+        stashed ones as the rank's other languages. Costs m - 1 gradient copies of the model.
+        """
+        if self.languages_per_rank == 1 or self.hook is None:
+            raise RuntimeError(
+                "stash_gradient is for several languages per rank (more languages than ranks) in mode='bucket'; "
+                "with one language per rank call manual_backward(loss)"
+            )
+        named = [(n, p) for n, p in self.deepspeed_engine.module.named_parameters() if p.requires_grad]
+        grads = self._invisible_grad(loss, [p for _, p in named], retain_graph=False)
+        self.hook.stash.append({id(p): g for (_, p), g in zip(named, grads)})
 
     def init_deepspeed(self) -> None:
         self._check_config()
@@ -110,6 +138,7 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             optimizer = self.deepspeed_engine.optimizer
             names = {id(p): n for n, p in self.deepspeed_engine.module.named_parameters()}
             self.hook = ZeroBucketHook(optimizer, self.solver, self.exchange, names)
+            self.hook.languages_per_rank = self.languages_per_rank
             optimizer.average_tensor = self.hook
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -133,17 +162,8 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         gives this language's gradient, held once as a plain backward would; the Gram is summed
         over chunks of ``reduce_bucket_size`` by the exchange, so no rank holds another language's.
         """
-        engine = self.deepspeed_engine
-        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-        # DeepSpeed hooks the forward outputs: any backward through them starts its backward
-        # prologue and queues the gradient reduction. Shadow the prologue so that this first pass
-        # stays invisible (its parameter hooks only fire on .grad accumulation, which autograd.grad skips).
-        engine._backward_prologue = lambda: None
-        try:
-            grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
-        finally:
-            del engine._backward_prologue
-        grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
+        named = [(n, p) for n, p in self.deepspeed_engine.module.named_parameters() if p.requires_grad]
+        grads = self._invisible_grad(loss, [p for _, p in named], retain_graph=True)
         limit = int(self.config["zero_optimization"].get("reduce_bucket_size", 500_000_000))
         g = torch.zeros(self.num_languages, self.num_languages, dtype=torch.float64, device=loss.device)
         chunk: list[Tensor] = []
@@ -163,6 +183,19 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             offset += p.numel()
         self.global_info = BucketInfo(0, tuple(ranges), offset, g.cpu(), w.detach().to("cpu", torch.float64), step)
         return w
+
+    def _invisible_grad(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
+        """``torch.autograd.grad`` that DeepSpeed does not see: no reduction, no .grad written."""
+        engine = self.deepspeed_engine
+        # DeepSpeed hooks the forward outputs: any backward through them starts its backward
+        # prologue and queues the gradient reduction. Shadow the prologue so that this pass stays
+        # invisible (its parameter hooks only fire on .grad accumulation, which autograd.grad skips).
+        engine._backward_prologue = lambda: None
+        try:
+            grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            del engine._backward_prologue
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
         # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
@@ -192,6 +225,12 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
                 "reduces gradients through buffered_reduce_fallback, bypassing the per-bucket solver."
             )
         accumulation = int(self.config.get("gradient_accumulation_steps", 1))
+        if self.languages_per_rank > 1 and (self.mode != "bucket" or accumulation > 1):
+            raise MisconfigurationException(
+                f"{self.languages_per_rank} languages per rank work in mode='bucket' without gradient "
+                f"accumulation (got mode={self.mode!r}, accumulate_grad_batches={accumulation}); use as many "
+                "ranks as languages for the global modes"
+            )
         if accumulation > 1 and self.mode != "bucket":
             raise MisconfigurationException(
                 f"mode={self.mode!r} does not support gradient accumulation (accumulate_grad_batches="

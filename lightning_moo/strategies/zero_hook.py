@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..buckets import BucketInfo, ParamRange, bucket_layout
+from ..buckets import BucketInfo, ParamRange, bucket_layout, bucket_params
 from ..exchange import Exchange
 from ..solvers import MOOSolver
 
@@ -27,15 +27,34 @@ class ZeroBucketHook:
         self.buckets: dict[int, BucketInfo] = {}
         self.step = 0
         self._next_index = 0
+        # Several languages per rank: the gradients of all but the last, {id(param): gradient} each,
+        # computed before the last language's backward reaches the buckets.
+        self.languages_per_rank = 1
+        self.stash: list[dict[int, Tensor]] = []
 
     def start_step(self, step: int) -> None:
         """Number buckets from 0 again: bucket ids are the order of reduction within one (micro-)step."""
         self.step, self._next_index = step, 0
+        self.stash = []
+
+    def _others(self, comm_dtype: torch.dtype, like: Tensor):
+        """This bucket's gradients of the rank's other languages, as rows in language order."""
+        if self.languages_per_rank == 1:
+            return None
+        if len(self.stash) != self.languages_per_rank - 1:
+            raise RuntimeError(
+                f"this rank trains {self.languages_per_rank} languages but {len(self.stash)} gradients were "
+                f"stashed before the last language's backward: call strategy.stash_gradient(loss) for each "
+                f"of the first {self.languages_per_rank - 1}, then manual_backward(loss) for the last"
+            )
+        params = bucket_params(self.optimizer, comm_dtype)
+        return torch.stack([torch.cat([s[id(p)].reshape(-1) for p in params]) for s in self.stash]).to(like.dtype)
 
     def __call__(self, tensor: Tensor, communication_data_type: torch.dtype) -> None:
         if tensor.numel() == 0:
             return  # an empty bucket: nothing to reduce, as in stock DeepSpeed
         opt = self.optimizer
+        self._comm_dtype = communication_data_type
         params, segments = bucket_layout(opt, communication_data_type, self.names)
         index, self._next_index = self._next_index, self._next_index + 1
         group = opt.dp_process_group
@@ -47,7 +66,8 @@ class ZeroBucketHook:
             return self.solver(g, bucket=index, step=self.step)
 
         with _reduction_stream(opt, communication_data_type):
-            piece_grams, w = self.exchange.reduce(work, segments, [(p.start, p.end) for p in params], solve, group)
+            others = self._others(communication_data_type, work)
+            piece_grams, w = self.exchange.reduce(work, segments, [(p.start, p.end) for p in params], solve, group, others)
             if work is not tensor:
                 tensor.copy_(work)
             # bf16 params with fp32 gradient accumulation keep reduced gradients in a separate fp32
@@ -64,13 +84,22 @@ class ZeroBucketHook:
             # lower the scale, exactly as it would for an averaged gradient.
             return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
         # Every rank gets here (G is all-reduced), so this small all-gather cannot hang.
+        stashed = bucket_params(self.optimizer, self._comm_dtype) if self.stash else []
         flags = torch.tensor(
-            [not bool(torch.isfinite(tensor[p.start : p.end]).all()) for p in params], dtype=torch.uint8, device=tensor.device
+            [
+                not bool(torch.isfinite(tensor[p.start : p.end]).all())
+                or any(not bool(torch.isfinite(s[id(q)]).all()) for s in self.stash)
+                for p, q in zip(params, stashed or params)
+            ],
+            dtype=torch.uint8,
+            device=tensor.device,
         )  # on the bucket's device: NCCL gathers only device tensors
         every = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
         dist.all_gather(every, flags, group=group)
         k = self.exchange.ranks_per_language
-        bad = [f"rank {r} (language {r // k}): {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+        m = self.languages_per_rank
+        languages = lambda r: f"language {r // k}" if m == 1 else f"languages {r * m}–{r * m + m - 1}"  # noqa: E731
+        bad = [f"rank {r} ({languages(r)}): {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
         raise FloatingPointError(
             f"non-finite gradient in ZeRO bucket {index} at step {self.step} "
             f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "

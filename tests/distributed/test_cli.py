@@ -21,7 +21,7 @@ STEPS = 6
 TIMEOUT = 300
 
 
-def config(out: Path, run: str, extra_callbacks=()) -> Path:
+def config(out: Path, run: str, extra_callbacks=(), devices: int = 2) -> Path:
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(out / "checkpoints"), "filename": "{step}", "every_n_train_steps": 2,
@@ -32,7 +32,7 @@ def config(out: Path, run: str, extra_callbacks=()) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 2, "max_steps": STEPS, "val_check_interval": 3,
+            "accelerator": "cpu", "devices": devices, "max_steps": STEPS, "val_check_interval": 3,
             "limit_val_batches": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
             "enable_model_summary": False, "num_sanity_val_steps": 0,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -129,3 +129,17 @@ def test_resume_after_sigkill_reaches_the_same_weights_and_losses(straight, tmp_
         for step in range(4, STEPS):
             assert after[tag][step] == reference[tag][step], (tag, step)
     assert after["val/bpb_seen"][STEPS - 1] == reference["val/bpb_seen"][STEPS - 1]
+
+
+def test_one_process_training_both_languages_matches_the_two_rank_run(straight, tmp_path):
+    """Many languages per device: the same languages, data, seed and buckets in one process."""
+    out, _ = straight
+    cli("fit", "--config", str(config(tmp_path, "single", devices=1)))
+    expected, single = torch.load(out / "straight.pt"), torch.load(tmp_path / "single.pt")
+    for name in expected:
+        torch.testing.assert_close(single[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    reference = scalars(out / "logs" / "straight" / "version_0")
+    logged = scalars(tmp_path / "logs" / "single" / "version_0")
+    for language in LANGUAGES:
+        tag = f"train/loss_{language}"
+        assert list(logged[tag].values()) == pytest.approx(list(reference[tag].values()), rel=1e-5)

@@ -39,7 +39,7 @@ def loss_fn(net: nn.Module, language: int, step: int, replica: int = 0) -> torch
 class ToyModule(pl.LightningModule):
     """Rank r trains language r; micro-batch ``i`` of the run is ``batch(r, i)``."""
 
-    def __init__(self, language: int, optimizer: str = "sgd", lr: float = 0.1, replica: int = 0) -> None:
+    def __init__(self, language: int | list[int], optimizer: str = "sgd", lr: float = 0.1, replica: int = 0) -> None:
         super().__init__()
         self.net = make_net()
         self.language, self.optimizer_name, self.lr, self.replica = language, optimizer, lr, replica
@@ -48,7 +48,16 @@ class ToyModule(pl.LightningModule):
         # From the trainer's counters rather than the data, so a resumed run continues the sequence.
         accumulate = self.trainer.accumulate_grad_batches
         micro_step = self.trainer.global_step * accumulate + batch_idx % accumulate
-        x, y = batch(self.language, micro_step, self.replica)
+        if isinstance(self.language, list):
+            # Several languages on this rank: all but the last are stashed, the last is backpropagated.
+            *first, last = self.language
+            for language in first:
+                self.trainer.strategy.stash_gradient(self.loss(language, micro_step))
+            return self.loss(last, micro_step)
+        return self.loss(self.language, micro_step)
+
+    def loss(self, language: int, micro_step: int) -> torch.Tensor:
+        x, y = batch(language, micro_step, self.replica)
         dtype = self.net[0].weight.dtype  # bf16 when DeepSpeed runs the model in bf16
         return nn.functional.mse_loss(self.net(x.to(dtype)).float(), y)
 

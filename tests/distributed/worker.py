@@ -82,9 +82,10 @@ def run(spec: dict, rank: int, world: int, out: str) -> bool:
     accumulate, steps = spec.get("accumulate", 1), spec.get("steps", 3)
     kwargs = dict(optimizer=spec.get("optimizer", "sgd"), lr=spec.get("lr", 0.1))
     # "ranks_per_language" k: ranks t·k … t·k + k - 1 train language t on different batches.
-    k = spec.get("ranks_per_language", 1)
+    # "languages_per_rank" m: rank r trains languages r·m … r·m + m - 1.
+    k, m = spec.get("ranks_per_language", 1), spec.get("languages_per_rank", 1)
     kwargs["replica"] = rank % k
-    language = rank // k
+    language = rank // k if m == 1 else list(range(rank * m, rank * m + m))
     module = NaNLoss(language, nan_at=spec["nan_at"], **kwargs) if "nan_at" in spec else ToyModule(language, **kwargs)
     recorder = Recorder(accumulate)
     data = DataLoader(range(steps * accumulate), batch_size=None)

@@ -1,0 +1,65 @@
+"""More languages than ranks: one process trains T languages and must equal the T-rank run; two
+ranks with two languages each must apply MGDA of all four languages' gradients per bucket."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checks import assert_close, assert_ranks_identical, language_grads
+from launch import run_ranks
+from test_bucket_moo import BUCKET, LR, solver, trajectory, update_atol
+
+from lightning_moo.solvers import MGDA
+
+SGD = dict(optimizer="sgd", lr=LR, reduce_bucket_size=BUCKET, steps=3, solver=solver("MGDA"))
+
+
+@pytest.mark.timeout(400)
+def test_one_process_with_two_languages_equals_the_two_rank_run(tmp_path):
+    single = run_ranks(
+        [dict(name="one_process", languages=2, languages_per_rank=2, **SGD),
+         dict(name="one_process_allgather", languages=2, languages_per_rank=2, exchange="allgather", **SGD)],
+        _dir(tmp_path / "one"), world_size=1,
+    )
+    distributed = run_ranks([dict(name="two_ranks", languages=2, **SGD)], _dir(tmp_path / "two"), world_size=2)["two_ranks"]
+    reference = distributed[0]
+    for name in ("one_process", "one_process_allgather"):
+        run = single[name][0]
+        # The same buckets (parameters and order) as the distributed run, the same Grams and weights.
+        for ours, theirs in zip(run["buckets"], reference["buckets"]):
+            assert sorted(ours) == sorted(theirs)
+            for i in ours:
+                assert [p.name for p in ours[i].params] == [p.name for p in theirs[i].params]
+                torch.testing.assert_close(ours[i].gram, theirs[i].gram, rtol=1e-6, atol=1e-12)
+                torch.testing.assert_close(ours[i].weights, theirs[i].weights, rtol=1e-6, atol=1e-9)
+        for a, b in zip(trajectory(run), trajectory(reference)):
+            assert_close(a, b, rtol=1e-6)
+
+
+@pytest.mark.timeout(400)
+def test_two_ranks_with_two_languages_each_solve_all_four(tmp_path):
+    result = run_ranks([dict(name="four", languages=4, languages_per_rank=2, **SGD)], tmp_path, world_size=2)["four"]
+    assert_ranks_identical(result)
+    thetas = trajectory(result[0])
+    for step, buckets in enumerate(result[0]["buckets"]):
+        grads = [language_grads(thetas[step], t, step) for t in range(4)]
+        assert len(buckets) == 3
+        for b in buckets.values():
+            names = [p.name for p in b.params]
+            flat = lambda d: torch.cat([d[n].reshape(-1) for n in names]).double()  # noqa: E731
+            g = torch.stack([flat(gr) for gr in grads])
+            torch.testing.assert_close(b.gram, g @ g.T, rtol=1e-5, atol=1e-9)
+            d = (flat(thetas[step]) - flat(thetas[step + 1])) / LR
+            torch.testing.assert_close(d, MGDA()(g @ g.T) @ g, rtol=1e-4, atol=update_atol(flat(thetas[step])))
+
+
+@pytest.mark.timeout(300)
+def test_languages_that_do_not_split_over_the_ranks_are_refused(tmp_path):
+    result = run_ranks([dict(name="three", languages=3, languages_per_rank=2, expect_error=True, **SGD)], tmp_path, world_size=2)
+    for rank_result in result["three"]:
+        assert "3 languages do not split over world size 2" in rank_result["error"], rank_result["error"]
+
+
+def _dir(path):
+    path.mkdir()
+    return path
