@@ -98,8 +98,13 @@ class ZeroBucketHook:
         dist.all_gather(every, flags, group=group)
         k = self.exchange.ranks_per_language
         m = self.languages_per_rank
-        languages = lambda r: f"language {r // k}" if m == 1 else f"languages {r * m}–{r * m + m - 1}"  # noqa: E731
-        bad = [f"rank {r} ({languages(r)}): {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+
+        def source(r: int) -> str:
+            if m > 1:
+                return f"rank {r} (languages {r * m}–{r * m + m - 1})"
+            return f"rank {r} (language {r // k})" if k > 1 else f"language {r}"
+
+        bad = [f"{source(r)}: {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
         raise FloatingPointError(
             f"non-finite gradient in ZeRO bucket {index} at step {self.step} "
             f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "

@@ -1,0 +1,207 @@
+"""BucketMOODDPStrategy: PyTorch DDP where every gradient bucket is combined by a MOO solver."""
+
+# No ``from __future__ import annotations``: DDP compares the comm hook's annotations with the real
+# ``dist.GradBucket`` and ``Future[torch.Tensor]`` objects and rejects strings.
+
+from typing import Any, Literal, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from ..buckets import BucketInfo, ParamRange, Segment, even_segments
+from ..exchange import AllGatherExchange, Exchange, make_exchange
+from ..solvers import MGDA, MOOSolver
+from .bucket_moo import _SOLVER_STATE
+
+# DDPStrategy arguments that would replace our comm hook or average outside it.
+_CONFLICTING = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period", "delay_all_reduce_named_params")
+
+
+class DDPBucketHook:
+    """The state of the comm hook: solves every ``GradBucket`` DDP hands to the reduction.
+
+    ``bucket.buffer()`` is this rank's flat, unreduced gradient of ``bucket.parameters()`` (laid out
+    one after another); DDP copies the tensor the hook's future holds into the parameters' ``.grad``.
+    Every rank needs the whole combined bucket, unlike ZeRO where a rank keeps only its partition.
+    """
+
+    def __init__(self, solver: MOOSolver, exchange: Exchange, names: dict[int, str], loss_scaling: bool) -> None:
+        self.solver = solver
+        self.exchange = exchange
+        self.names = names
+        # fp16 with a GradScaler: an overflow must reach the scaler, which skips the step.
+        self.loss_scaling = loss_scaling
+        self.buckets: dict[int, BucketInfo] = {}
+        self.step = -1
+        self._skipped = False  # this step overflowed: the scaler skips it, monitoring must not see NaN Grams
+
+    def start_step(self, step: int) -> None:
+        """Forget the previous step's buckets: DDP rebuilds its buckets after the first step, so
+        indices need not mean the same parameters from one step to the next."""
+        if step != self.step:
+            self.step, self.buckets, self._skipped = step, {}, False
+
+    def reduce(self, bucket: dist.GradBucket) -> Tensor:
+        tensor = bucket.buffer()
+        index = bucket.index()
+        params, offset = [], 0
+        for param in bucket.parameters():
+            params.append(ParamRange(self.names.get(id(param), f"<unnamed param {index}.{len(params)}>"), offset, offset + param.numel()))
+            offset += param.numel()
+        # Rank r combines the r-th even slice (the sharded exchange's own split, so nothing moves
+        # in its second all-to-all); the slices are then gathered on every rank.
+        slices = even_segments(tensor.numel(), dist.get_world_size())
+
+        def solve(g: Tensor) -> Tensor:
+            if not bool(torch.isfinite(g).all()):
+                return self._non_finite(index, params, tensor, g)
+            return self.solver(g, bucket=index, step=self.step)
+
+        piece_grams, w = self.exchange.reduce(tensor, slices, [(p.start, p.end) for p in params], solve)
+        if not isinstance(self.exchange, AllGatherExchange):  # the all-gather exchange combines every element itself
+            _gather_slices(tensor, slices)
+        if self._skipped:
+            self.buckets = {}
+            return tensor
+        piece_grams = piece_grams.cpu()
+        self.buckets[index] = BucketInfo(
+            index, tuple(params), tensor.numel(), piece_grams.sum(0), w.detach().to("cpu", torch.float64), self.step, piece_grams
+        )
+        return tensor
+
+    def _non_finite(self, index: int, params: list[ParamRange], tensor: Tensor, g: Tensor) -> Tensor:
+        if self.loss_scaling:
+            # NaN weights make the combined bucket NaN: the GradScaler finds it, skips the step and
+            # lowers the scale, as it would after stock averaging.
+            self._skipped = True
+            return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
+        # Every rank gets here (G is all-reduced), so this small all-gather cannot hang.
+        # ``tensor`` still holds this rank's own gradient: exchanges solve before they combine.
+        flags = torch.tensor(
+            [not bool(torch.isfinite(tensor[p.start : p.end]).all()) for p in params], dtype=torch.uint8, device=tensor.device
+        )
+        every = [torch.empty_like(flags) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flags)
+        bad = [f"language {t}: {p.name}" for t, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+        raise FloatingPointError(
+            f"non-finite gradient in DDP bucket {index} at step {self.step} "
+            f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "
+            "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
+        )
+
+
+def _moo_comm_hook(state: DDPBucketHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # The collectives ran synchronously inside ``reduce``: hand DDP a future that is already done.
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(state.reduce(bucket))
+    return future
+
+
+def _gather_slices(tensor: Tensor, slices: list[Segment]) -> None:
+    """All-gather: every rank's slice of ``tensor`` (rank r holds slice r) lands on every rank.
+
+    Slices differ by at most one element; padding them to one length gives the flat, equal-sized
+    all_gather_into_tensor that gloo and NCCL both support.
+    """
+    rank, width = dist.get_rank(), max(s.length for s in slices)
+    mine = slices[rank]
+    send = tensor.new_zeros(width)
+    send[: mine.length] = tensor[mine.start : mine.start + mine.length]
+    received = tensor.new_empty(len(slices) * width)
+    dist.all_gather_into_tensor(received, send)
+    for r, s in enumerate(slices):
+        tensor[s.start : s.start + s.length] = received[r * width : r * width + s.length]
+
+
+class BucketMOODDPStrategy(DDPStrategy):
+    """PyTorch DDP with one rank per language and a MOO solver per DDP gradient bucket.
+
+    Rank t trains language t. Where DDP averages the languages' gradients of a bucket, a comm hook
+    applies ``sum_t w_t g_t`` with ``w = solver(G)``, ``G`` the bucket's T×T Gram matrix.
+    :attr:`buckets` shows what the last step actually solved.
+
+    The buckets are DDP's own (``bucket_cap_mb``). Unless ``find_unused_parameters=True``, DDP's
+    first step of every ``fit`` (a resumed one too) puts the whole model in one bucket, and only
+    then rebuilds buckets of ``bucket_cap_mb`` in the order gradients became ready: that step is
+    global MOO, and bucket indices change meaning after it (stateful solvers key their state by
+    index). ``find_unused_parameters=True`` keeps one layout from the first step on.
+
+    With ``accumulate_grad_batches > 1`` Lightning runs the micro-batches before the last under
+    ``no_sync``, so the hook fires once per optimizer step, on each language's accumulated gradient.
+    Under fp16 loss scaling a non-finite bucket makes the GradScaler skip the step, as in stock DDP;
+    otherwise it raises ``FloatingPointError`` naming the bucket, step, parameters and languages.
+
+    Args:
+        solver: any :class:`~lightning_moo.solvers.MOOSolver`; default MGDA. ``Mean`` reproduces stock DDP.
+        exchange: ``"sharded"`` (an all-to-all of slices, a T×T all-reduce, an all-gather of the
+            combined slices: the volume of DDP's all-reduce) or ``"allgather"`` (every rank gathers
+            every language's bucket; the reference).
+        languages: number of languages (or their names); must equal the world size.
+        **kwargs: everything Lightning's ``DDPStrategy`` takes (``bucket_cap_mb``,
+            ``find_unused_parameters``, ``gradient_as_bucket_view``, ``static_graph``, ...) except
+            its own comm hooks and model averaging.
+    """
+
+    def __init__(
+        self,
+        solver: Optional[MOOSolver] = None,
+        exchange: Literal["sharded", "allgather"] = "sharded",
+        languages: Union[int, list[str], None] = None,
+        **kwargs: Any,
+    ) -> None:
+        conflicting = [name for name in _CONFLICTING if kwargs.get(name) is not None]
+        if conflicting:
+            raise MisconfigurationException(
+                f"BucketMOODDPStrategy reduces every bucket through its own comm hook; {conflicting} would "
+                "replace that hook or average gradients outside it. Remove them."
+            )
+        super().__init__(**kwargs)
+        self.solver = solver if solver is not None else MGDA()
+        self.exchange = make_exchange(exchange)
+        self.languages = languages
+        self.hook: Optional[DDPBucketHook] = None
+
+    @property
+    def buckets(self) -> dict[int, BucketInfo]:
+        """Per bucket of the last step: parameter names and element ranges, Gram matrix, weights."""
+        return self.hook.buckets if self.hook is not None else {}
+
+    def setup_distributed(self) -> None:
+        self.set_world_ranks()
+        expected = self.languages if isinstance(self.languages, int) else None if self.languages is None else len(self.languages)
+        if expected is not None and expected != self.world_size:
+            raise MisconfigurationException(
+                f"BucketMOODDPStrategy trains one language per rank: {expected} languages need world size "
+                f"{expected}, got {self.world_size} (devices × num_nodes). Set devices × num_nodes to "
+                f"{expected} or train {self.world_size} languages."
+            )
+        super().setup_distributed()
+
+    def _register_ddp_hooks(self) -> None:
+        # Lightning registers comm hooks on CUDA only; DDP runs them on gloo as well.
+        assert self.lightning_module is not None and self.model is not None
+        names = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        scaler = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
+        self.hook = DDPBucketHook(self.solver, self.exchange, names, loss_scaling=scaler)
+        self.model.register_comm_hook(self.hook, _moo_comm_hook)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.hook is not None:
+            self.hook.start_step(self.lightning_module.trainer.global_step)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
+        # same on every rank, and rank 0 writes the checkpoint.
+        checkpoint[_SOLVER_STATE] = self.solver.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if _SOLVER_STATE in checkpoint:
+            self.solver.load_state_dict(checkpoint.pop(_SOLVER_STATE))
+        return checkpoint
