@@ -10,9 +10,10 @@ DeepSpeed keeps. This module reads both facts from the optimizer's own bookkeepi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NoReturn, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -84,3 +85,30 @@ def even_segments(numel: int, world_size: int) -> list[Segment]:
     """Split ``numel`` elements into ``world_size`` contiguous, nearly equal segments (rank r owns the r-th)."""
     bounds = [numel * r // world_size for r in range(world_size + 1)]
     return [Segment(bounds[r], bounds[r + 1] - bounds[r], r) for r in range(world_size)]
+
+
+def raise_non_finite(
+    kind: str,
+    index: int,
+    step: int,
+    params: Sequence[ParamRange],
+    bad_here: Sequence[bool],
+    device: torch.device,
+    group=None,
+    source: Callable[[int], str] = lambda rank: f"language {rank}",
+) -> NoReturn:
+    """Name the ranks and parameters with a non-finite gradient in a bucket, then raise.
+
+    Every rank reaches this together (the bucket's Gram is all-reduced, so all see it non-finite),
+    so the all-gather of the per-parameter flags cannot hang. ``bad_here[i]``: parameter i is
+    non-finite on this rank; ``source(rank)`` says which language(s) a rank trains.
+    """
+    flags = torch.tensor(list(bad_here), dtype=torch.uint8, device=device)  # NCCL gathers device tensors only
+    every = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, flags, group=group)
+    bad = [f"{source(r)}: {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+    raise FloatingPointError(
+        f"non-finite gradient in {kind} bucket {index} at step {step} "
+        f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "
+        "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
+    )

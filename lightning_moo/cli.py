@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import solvers  # noqa: F401  (imported so that solver short names like CAGrad resolve)
+from . import strategies  # noqa: F401  (and strategy short names)
 from .data import MultilingualDataModule
 from .module import MultilingualLM
-from .strategies import BucketMOOStrategy  # noqa: F401
 
 DEFAULT_STRATEGY = {"class_path": "lightning_moo.strategies.BucketMOOStrategy"}
 

@@ -19,7 +19,7 @@ Mode = Literal["bucket", "global", "global_two_pass"]
 # Weights that do not depend on the gradients: combining each micro-step's gradients equals
 # combining their sum, so these may see ZeRO-2's per-micro-step reductions.
 _LINEAR_SOLVERS = (Mean, Sum)
-_SOLVER_STATE = "bucket_moo_solver"
+SOLVER_STATE = "bucket_moo_solver"
 
 
 class BucketMOOStrategy(StockDeepSpeedStrategy):
@@ -46,6 +46,10 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             languages ``r·m … r·m + m - 1``: the module calls ``stash_gradient(loss)`` for the first m - 1
             and backpropagates the last; the buckets and the solver are those of a T-rank run.
             Default: one language per rank.
+        stash_device: where the m - 1 stashed gradients of a rank with several languages live;
+            default the model's device (m - 1 extra gradient copies there). ``"cpu"`` keeps them in
+            host memory and moves one bucket's worth at a time to the device: device memory then
+            grows by m - 1 buckets instead of m - 1 models, at the cost of host-device copies.
         **kwargs: everything Lightning's ``DeepSpeedStrategy`` takes (``stage``, ``config``, ...).
     """
 
@@ -55,6 +59,7 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         exchange: Literal["sharded", "allgather"] = "sharded",
         mode: Mode = "bucket",
         languages: Union[int, list[str], None] = None,
+        stash_device: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -64,6 +69,7 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         self.exchange = make_exchange(exchange)
         self.mode = mode
         self.languages = languages
+        self.stash_device = stash_device
         self.hook: Optional[ZeroBucketHook] = None
         self.global_info: Optional[BucketInfo] = None
         self.languages_per_rank = 1
@@ -120,7 +126,8 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
             )
         named = [(n, p) for n, p in self.deepspeed_engine.module.named_parameters() if p.requires_grad]
         grads = self._invisible_grad(loss, [p for _, p in named], retain_graph=False)
-        self.hook.stash.append({id(p): g for (_, p), g in zip(named, grads)})
+        device = self.stash_device
+        self.hook.stash.append({id(p): g if device is None else g.to(device) for (_, p), g in zip(named, grads)})
 
     def init_deepspeed(self) -> None:
         self._check_config()
@@ -200,13 +207,13 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
         # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
         # same on every rank, DeepSpeed stores rank 0's client state.
-        checkpoint[_SOLVER_STATE] = self.solver.state_dict()
+        checkpoint[SOLVER_STATE] = self.solver.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
-        if _SOLVER_STATE in checkpoint:
-            self.solver.load_state_dict(checkpoint.pop(_SOLVER_STATE))
+        if SOLVER_STATE in checkpoint:
+            self.solver.load_state_dict(checkpoint.pop(SOLVER_STATE))
         return checkpoint
 
     def _check_config(self) -> None:

@@ -12,10 +12,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from ..buckets import BucketInfo, ParamRange, Segment, even_segments
+from ..buckets import BucketInfo, ParamRange, Segment, even_segments, raise_non_finite
 from ..exchange import AllGatherExchange, Exchange, make_exchange
 from ..solvers import MGDA, MOOSolver
-from .bucket_moo import _SOLVER_STATE
+from .bucket_moo import SOLVER_STATE
 
 # DDPStrategy arguments that would replace our comm hook or average outside it.
 _CONFLICTING = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period", "delay_all_reduce_named_params")
@@ -79,19 +79,9 @@ class DDPBucketHook:
             # lowers the scale, as it would after stock averaging.
             self._skipped = True
             return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
-        # Every rank gets here (G is all-reduced), so this small all-gather cannot hang.
         # ``tensor`` still holds this rank's own gradient: exchanges solve before they combine.
-        flags = torch.tensor(
-            [not bool(torch.isfinite(tensor[p.start : p.end]).all()) for p in params], dtype=torch.uint8, device=tensor.device
-        )
-        every = [torch.empty_like(flags) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, flags)
-        bad = [f"language {t}: {p.name}" for t, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
-        raise FloatingPointError(
-            f"non-finite gradient in DDP bucket {index} at step {self.step} "
-            f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "
-            "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
-        )
+        bad_here = [not bool(torch.isfinite(tensor[p.start : p.end]).all()) for p in params]
+        raise_non_finite("DDP", index, self.step, params, bad_here, tensor.device)
 
 
 def _moo_comm_hook(state: DDPBucketHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -197,11 +187,11 @@ class BucketMOODDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
         # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
         # same on every rank, and rank 0 writes the checkpoint.
-        checkpoint[_SOLVER_STATE] = self.solver.state_dict()
+        checkpoint[SOLVER_STATE] = self.solver.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
-        if _SOLVER_STATE in checkpoint:
-            self.solver.load_state_dict(checkpoint.pop(_SOLVER_STATE))
+        if SOLVER_STATE in checkpoint:
+            self.solver.load_state_dict(checkpoint.pop(SOLVER_STATE))
         return checkpoint

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..buckets import BucketInfo, ParamRange, bucket_layout, bucket_params
+from ..buckets import BucketInfo, ParamRange, bucket_layout, bucket_params, raise_non_finite
 from ..exchange import Exchange
 from ..solvers import MOOSolver
 
@@ -48,7 +47,8 @@ class ZeroBucketHook:
                 f"of the first {self.languages_per_rank - 1}, then manual_backward(loss) for the last"
             )
         params = bucket_params(self.optimizer, comm_dtype)
-        return torch.stack([torch.cat([s[id(p)].reshape(-1) for p in params]) for s in self.stash]).to(like.dtype)
+        rows = torch.stack([torch.cat([s[id(p)].reshape(-1) for p in params]) for s in self.stash])
+        return rows.to(like.device, like.dtype)
 
     def __call__(self, tensor: Tensor, communication_data_type: torch.dtype) -> None:
         if tensor.numel() == 0:
@@ -62,7 +62,7 @@ class ZeroBucketHook:
 
         def solve(g: Tensor) -> Tensor:
             if not bool(torch.isfinite(g).all()):
-                return self._non_finite(index, params, tensor, g, group)
+                return self._non_finite(index, params, tensor, g)
             return self.solver(g, bucket=index, step=self.step)
 
         with _reduction_stream(opt, communication_data_type):
@@ -73,43 +73,32 @@ class ZeroBucketHook:
             # bf16 params with fp32 gradient accumulation keep reduced gradients in a separate fp32
             # partition buffer; stock DeepSpeed fills it from the reduced bucket the same way.
             opt._add_full_reduction_to_compact_grad_partition(work, communication_data_type)
+        if not bool(torch.isfinite(w).all()):
+            return  # fp16 overflow: DeepSpeed skips this step; monitoring must not see its NaN Grams
         piece_grams = piece_grams.cpu()
         self.buckets[index] = BucketInfo(
             index, tuple(params), tensor.numel(), piece_grams.sum(0), w.detach().to("cpu", torch.float64), self.step, piece_grams
         )
 
-    def _non_finite(self, index: int, params: list[ParamRange], tensor: Tensor, g: Tensor, group) -> Tensor:
+    def _non_finite(self, index: int, params: list[ParamRange], tensor: Tensor, g: Tensor) -> Tensor:
         if self.optimizer.dynamic_loss_scale:
             # fp16 with dynamic loss scaling: let DeepSpeed see the overflow, skip the step and
             # lower the scale, exactly as it would for an averaged gradient.
             return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
-        # Every rank gets here (G is all-reduced), so this small all-gather cannot hang.
-        stashed = bucket_params(self.optimizer, self._comm_dtype) if self.stash else []
-        flags = torch.tensor(
-            [
-                not bool(torch.isfinite(tensor[p.start : p.end]).all())
-                or any(not bool(torch.isfinite(s[id(q)]).all()) for s in self.stash)
-                for p, q in zip(params, stashed or params)
-            ],
-            dtype=torch.uint8,
-            device=tensor.device,
-        )  # on the bucket's device: NCCL gathers only device tensors
-        every = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(every, flags, group=group)
-        k = self.exchange.ranks_per_language
-        m = self.languages_per_rank
+        stashed = bucket_params(self.optimizer, self._comm_dtype) if self.stash else params
+        bad_here = [
+            not bool(torch.isfinite(tensor[p.start : p.end]).all())
+            or any(not bool(torch.isfinite(s[id(q)]).all()) for s in self.stash)
+            for p, q in zip(params, stashed)
+        ]
+        k, m = self.exchange.ranks_per_language, self.languages_per_rank
 
         def source(r: int) -> str:
             if m > 1:
                 return f"rank {r} (languages {r * m}–{r * m + m - 1})"
             return f"rank {r} (language {r // k})" if k > 1 else f"language {r}"
 
-        bad = [f"{source(r)}: {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
-        raise FloatingPointError(
-            f"non-finite gradient in ZeRO bucket {index} at step {self.step} "
-            f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "
-            "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
-        )
+        raise_non_finite("ZeRO", index, self.step, params, bad_here, tensor.device, self.optimizer.dp_process_group, source)
 
 
 def _reduction_stream(opt, comm_dtype: torch.dtype):

@@ -18,12 +18,13 @@ SGD = dict(optimizer="sgd", lr=LR, reduce_bucket_size=BUCKET, steps=3, solver=so
 def test_one_process_with_two_languages_equals_the_two_rank_run(tmp_path):
     single = run_ranks(
         [dict(name="one_process", languages=2, languages_per_rank=2, **SGD),
-         dict(name="one_process_allgather", languages=2, languages_per_rank=2, exchange="allgather", **SGD)],
+         dict(name="one_process_allgather", languages=2, languages_per_rank=2, exchange="allgather", **SGD),
+         dict(name="one_process_stash_cpu", languages=2, languages_per_rank=2, stash_device="cpu", **SGD)],
         _dir(tmp_path / "one"), world_size=1,
     )
     distributed = run_ranks([dict(name="two_ranks", languages=2, **SGD)], _dir(tmp_path / "two"), world_size=2)["two_ranks"]
     reference = distributed[0]
-    for name in ("one_process", "one_process_allgather"):
+    for name in ("one_process", "one_process_allgather", "one_process_stash_cpu"):
         run = single[name][0]
         # The same buckets (parameters and order) as the distributed run, the same Grams and weights.
         for ours, theirs in zip(run["buckets"], reference["buckets"]):

@@ -74,6 +74,7 @@ def make_strategy(spec: dict):
         exchange=spec.get("exchange", "sharded"),
         mode=spec.get("mode", "bucket"),
         languages=spec.get("languages"),
+        stash_device=spec.get("stash_device"),
         **args,
     )
 
