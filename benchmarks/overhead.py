@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -34,6 +35,12 @@ CONFIGS = {
     "bucket PCGrad sharded": dict(solver="PCGrad", exchange="sharded"),
     "global MGDA (allgather)": dict(solver="MGDA", exchange="allgather", mode="global"),
     "global_two_pass MGDA": dict(solver="MGDA", mode="global_two_pass"),
+    # Layouts beyond one rank per language (issue "Choosing a layout"); each against its own stock run.
+    "bucket MGDA sharded, 2 ranks per language": dict(solver="MGDA", ranks_per_language=2),
+    "stock ZeRO-2, 2 batches per rank": dict(strategy="stock", languages_per_rank=2),
+    "bucket MGDA sharded, 2 languages per rank": dict(solver="MGDA", languages_per_rank=2, baseline="stock ZeRO-2, 2 batches per rank"),
+    "stock DDP": dict(strategy="ddp_stock"),
+    "bucket MGDA DDP sharded": dict(solver="MGDA", strategy="ddp", baseline="stock DDP"),
 }
 
 
@@ -93,8 +100,10 @@ def worker(spec: dict) -> None:
     from torch import nn
     from torch.utils.data import DataLoader
 
+    from lightning.pytorch.strategies import DDPStrategy
+
     import lightning_moo.solvers as solvers
-    from lightning_moo.strategies import BucketMOOStrategy, StockDeepSpeedStrategy
+    from lightning_moo.strategies import BucketMOODDPStrategy, BucketMOOStrategy, StockDeepSpeedStrategy
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -103,6 +112,9 @@ def worker(spec: dict) -> None:
     for name in ("MGDA", "CAGrad", "PCGrad"):
         getattr(solvers, name)()(torch.eye(world, dtype=torch.float64) + 0.5)
     width, layers, batch = spec["width"], spec["layers"], spec["batch"]
+    # m languages per rank: m batches per step (stock: one backward of their mean; MOO: m - 1
+    # stashed gradients and one backward). k ranks per language: T = world / k languages.
+    m, k = spec.get("languages_per_rank", 1), spec.get("ranks_per_language", 1)
 
     class MLP(pl.LightningModule):
         def __init__(self) -> None:
@@ -110,11 +122,16 @@ def worker(spec: dict) -> None:
             torch.manual_seed(0)
             self.net = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())])
             gen = torch.Generator().manual_seed(rank)
-            self.x = torch.randn(batch, width, generator=gen)
-            self.y = torch.randn(batch, width, generator=gen)
+            self.xs = [torch.randn(batch, width, generator=gen) for _ in range(m)]
+            self.ys = [torch.randn(batch, width, generator=gen) for _ in range(m)]
 
         def training_step(self, _, batch_idx):
-            return nn.functional.mse_loss(self.net(self.x), self.y)
+            losses = [nn.functional.mse_loss(self.net(x), y) for x, y in zip(self.xs, self.ys)]
+            if hasattr(self.trainer.strategy, "stash_gradient") and m > 1:
+                for loss in losses[:-1]:
+                    self.trainer.strategy.stash_gradient(loss)
+                return losses[-1]
+            return sum(losses) / m
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-4)
@@ -136,11 +153,21 @@ def worker(spec: dict) -> None:
                 self.times.append(time.perf_counter() - self.start)
 
     zero = dict(stage=2, reduce_bucket_size=spec["bucket"], logging_batch_size_per_gpu=batch)
-    if spec.get("strategy") == "stock":
+    ddp = dict(bucket_cap_mb=spec["bucket"] * 4 / 2**20, find_unused_parameters=True)  # same buckets from step 1
+    kind = spec.get("strategy", "moo")
+    if kind == "stock":
         strategy = StockDeepSpeedStrategy(**zero)
+    elif kind == "ddp_stock":
+        strategy = DDPStrategy(**ddp)
     else:
         solver = getattr(solvers, spec["solver"])()
-        strategy = BucketMOOStrategy(solver=solver, exchange=spec.get("exchange", "sharded"), mode=spec.get("mode", "bucket"), **zero)
+        languages = world * m // k
+        if kind == "ddp":
+            strategy = BucketMOODDPStrategy(solver=solver, exchange=spec.get("exchange", "sharded"), languages=languages, **ddp)
+        else:
+            strategy = BucketMOOStrategy(
+                solver=solver, exchange=spec.get("exchange", "sharded"), mode=spec.get("mode", "bucket"), languages=languages, **zero
+            )
     timer, model = Timer(), MLP()
     steps = spec["warmup"] + spec["steps"]
     trainer = pl.Trainer(
@@ -148,9 +175,14 @@ def worker(spec: dict) -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
     )
     trainer.fit(model, DataLoader(range(steps), batch_size=None))
+    sent = counter.sent / len(timer.times)
+    if kind == "ddp_stock":
+        # DDP's C++ reducer all-reduces outside torch.distributed's Python functions, which the
+        # counter wraps: charge the all-reduce of every gradient it performs.
+        sent = 2 * sum(p.numel() * p.element_size() for p in model.parameters()) * (world - 1) / world
     result = dict(
         step_s=statistics.median(timer.times),
-        bytes_per_step=counter.sent / len(timer.times),
+        bytes_per_step=sent,
         peak_rss_mb=_vm_hwm_kib() / 1024,
         params=sum(p.numel() for p in model.parameters()),
         buckets=len(getattr(strategy, "buckets", {})),
@@ -205,7 +237,7 @@ def main() -> None:
     lines = [
         "# Bucket-level MOO overhead against stock DeepSpeed ZeRO-2",
         "",
-        f"Command: `python benchmarks/overhead.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python benchmarks/overhead.py {shlex.join(sys.argv[1:])}`",
         "",
         f"MLP {args.layers}×Linear({args.width},{args.width}), batch {args.batch} per rank, Adam, "
         f"reduce_bucket_size {args.bucket:,} elements ({args.bucket * 4 / 2**20:.1f} MiB fp32), CPU/gloo, "
@@ -217,10 +249,14 @@ def main() -> None:
     ]
     for world in args.ranks:
         results = {}
-        for name in args.configs if "stock ZeRO-2" in args.configs else ["stock ZeRO-2", *args.configs]:
+        baselines = ["stock ZeRO-2"] + [CONFIGS[n]["baseline"] for n in args.configs if "baseline" in CONFIGS[n]]
+        for name in dict.fromkeys(baselines + args.configs):  # baselines first, each once
+            config = CONFIGS[name]
+            if "solver" in config and world * config.get("languages_per_rank", 1) // config.get("ranks_per_language", 1) < 2:
+                continue  # a single language: nothing to combine
             with tempfile.TemporaryDirectory() as tmp:
                 results[name] = launch(dict(common, **CONFIGS[name]), world, Path(tmp))
-            r, s = results[name], results["stock ZeRO-2"]
+            r, s = results[name], results[CONFIGS[name].get("baseline", "stock ZeRO-2")]
             line = (
                 f"| {world} | {name} | {r['buckets'] or '-'} | {r['step_s']:.3f} | {r['step_s'] / s['step_s']:.2f} | "
                 f"{r['bytes_per_step'] / 2**20:.1f} | {r['bytes_per_step'] / s['bytes_per_step']:.2f} | "
@@ -229,7 +265,10 @@ def main() -> None:
             print(line, flush=True)
             lines.append(line)
     lines.append("")
-    lines.append(f"Parameters: {results['stock ZeRO-2']['params']:,}.")
+    lines.append(f"Parameters: {results['stock ZeRO-2']['params']:,}. Rows with a `baseline` compare with it instead of stock "
+                 "ZeRO-2: '2 languages per rank' with stock ZeRO-2 running the same 2 batches per rank (one backward of "
+                 "their mean), DDP with stock DDP (same bucket_cap_mb; its bytes are "
+                 "computed, 2n(N-1)/N for n gradient bytes, because DDP's reducer bypasses the counted Python collectives).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
 

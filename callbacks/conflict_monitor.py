@@ -67,8 +67,9 @@ class ConflictMonitor(pl.Callback):
         # Checked on every rank, so that all ranks fail together instead of one hanging in a collective.
         if not hasattr(trainer.strategy, "buckets"):
             raise MisconfigurationException(
-                f"ConflictMonitor reads the per-bucket Gram matrices of BucketMOOStrategy, but the trainer's "
-                f"strategy is {type(trainer.strategy).__name__}. Use strategy=BucketMOOStrategy(...)."
+                f"ConflictMonitor reads the per-bucket Gram matrices of BucketMOOStrategy or BucketMOODDPStrategy, "
+                f"but the trainer's strategy is {type(trainer.strategy).__name__}. Use one of those (with solver=Mean "
+                "they train exactly like stock DeepSpeed / DDP)."
             )
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
