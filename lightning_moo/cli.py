@@ -11,11 +11,13 @@ The strategy is a top-level ``strategy:`` section (any Lightning ``Strategy``; d
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
@@ -28,6 +30,25 @@ from .data import MultilingualDataModule
 from .module import MultilingualLM
 
 DEFAULT_STRATEGY = {"class_path": "lightning_moo.strategies.BucketMOOStrategy"}
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Every rank writes its predictions (its shard of each language) as JSON lines."""
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        # One list of batches per dataloader (language) when there are several, else one list.
+        loaders = predictions if len(trainer.num_predict_batches) > 1 else [predictions]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"predictions_rank{trainer.global_rank}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for batches in loaders:
+                for rows in batches:
+                    for row in rows:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 class MOOCLI(LightningCLI):
@@ -48,18 +69,29 @@ class MOOCLI(LightningCLI):
             kwargs["strategy"] = config["strategy"]
         return super().instantiate_trainer(**kwargs)
 
+    def before_predict(self) -> None:
+        # Predictions go to files next to the run's logs; the summary says where.
+        self.trainer.callbacks.append(PredictionWriter(prediction_dir(self.trainer)))
+
+    def after_predict(self) -> None:
+        summarize(self.trainer, "predict")
+
     def after_fit(self) -> None:
-        summarize(self.trainer)
+        summarize(self.trainer, "fit")
 
     def after_validate(self) -> None:
-        summarize(self.trainer)
+        summarize(self.trainer, "validate")
 
     def after_test(self) -> None:
-        summarize(self.trainer)
+        summarize(self.trainer, "test")
+
+
+def prediction_dir(trainer: Trainer) -> Path:
+    return Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir) / "predictions"
 
 
 @rank_zero_only
-def summarize(trainer: Trainer) -> None:
+def summarize(trainer: Trainer, stage: str) -> None:
     """Where the run wrote its logs and checkpoints, and its last per-language metrics."""
     console = Console()
     console.rule("lightning-moo: run summary")
@@ -71,7 +103,10 @@ def summarize(trainer: Trainer) -> None:
         path = getattr(checkpoint, f"{kind}_model_path", "") if checkpoint is not None else ""
         if path:
             console.print(f"{kind} checkpoint: {Path(path).resolve()}", soft_wrap=True)
-    console.print(f"global step: {trainer.global_step}")
+    if stage == "fit":
+        console.print(f"global step: {trainer.global_step}")
+    if stage == "predict":
+        console.print(f"predictions (one JSON line per example, per rank): {prediction_dir(trainer).resolve()}", soft_wrap=True)
     table = Table("metric", "value")
     for name, value in sorted(trainer.callback_metrics.items()):
         if name.startswith(("val/", "test/", "train/loss")):

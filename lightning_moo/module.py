@@ -229,12 +229,14 @@ class MultilingualLM(LightningModule):
         self.log_dict(values, prog_bar=False, rank_zero_only=False, sync_dist=False)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Per example: its language, bits per byte of the loss-bearing text, and the chosen label."""
-        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        bpb = (nll / math.log(2) / batch["num_bytes"].clamp(min=1)).tolist()
-        chosen = self.choose(batch).tolist() if "choice_input_ids" in batch and self.labels else [None] * len(bpb)
-        return [
-            {"language": batch["language"], "bpb": b, "label": None if i is None else self.labels[i]}
-            for b, i in zip(bpb, chosen)
+        """Per example: its language, the bits and UTF-8 bytes of its loss-bearing text (their ratio is
+        its bits per byte), and for label tasks the chosen and the true label."""
+        bits = (token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"]) / math.log(2)).tolist()
+        rows = [
+            {"language": batch["language"], "bits": b, "bytes": n, "bpb": b / max(n, 1)}
+            for b, n in zip(bits, batch["num_bytes"].tolist())
         ]
-
+        if "choice_input_ids" in batch and self.labels:
+            for row, chosen, truth in zip(rows, self.choose(batch).tolist(), batch["label_index"].tolist()):
+                row["label"], row["true_label"] = self.labels[chosen], self.labels[truth]
+        return rows

@@ -3,6 +3,7 @@ fit, validate from the checkpoint, and resume after SIGKILL to the same weights 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,6 +109,23 @@ def test_validate_from_checkpoint_reproduces_the_in_run_validation(straight):
     again = scalars(out / "logs" / "validate" / "version_0")
     for tag in [f"val/bpb_{x}" for x in LANGUAGES + ["fra"]]:
         assert list(again[tag].values())[0] == pytest.approx(in_run[tag][max(in_run[tag])], rel=1e-6), tag
+
+
+def test_predictions_add_up_to_the_test_metrics(straight):
+    """predict writes per-example bits and bytes; per language their sums give test's bits per byte."""
+    out, _ = straight
+    checkpoint = str(out / "checkpoints" / f"step={STEPS}.ckpt")
+    cli("test", "--config", str(config(out, "test")), "--ckpt_path", checkpoint)
+    result = cli("predict", "--config", str(config(out, "predict")), "--ckpt_path", checkpoint)
+    assert "predictions (one JSON line per example, per rank)" in result.stdout
+    tested = scalars(out / "logs" / "test" / "version_0")
+    rows = [json.loads(line) for path in sorted((out / "logs" / "predict" / "version_0" / "predictions").glob("*.jsonl"))
+            for line in path.read_text().splitlines()]
+    for language in LANGUAGES + ["fra"]:
+        mine = [r for r in rows if r["language"] == language]
+        assert len(mine) == 8  # max_eval_examples, split over the two ranks without repeats
+        bpb = sum(r["bits"] for r in mine) / sum(r["bytes"] for r in mine)
+        assert bpb == pytest.approx(list(tested[f"test/bpb_{language}"].values())[0], rel=1e-5), language
 
 
 def test_resume_after_sigkill_reaches_the_same_weights_and_losses(straight, tmp_path):
