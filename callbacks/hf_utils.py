@@ -200,8 +200,11 @@ def log_scalars(trainer: Trainer, metrics: Mapping[str, float]) -> None:
 
 
 def output_dir(trainer: Trainer) -> Path:
-    """The run's log directory, or the trainer's root directory when there is no logger."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's log directory, or the trainer's root directory when there is no logger.
+
+    Not ``trainer.log_dir``: it broadcasts from rank zero, a collective that the other ranks never
+    enter while rank zero alone analyses, so a multi-process run would hang here."""
+    return Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir)
 
 
 def log_figure(trainer: Trainer, tag: str, figure) -> None:

@@ -80,10 +80,21 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+# Parallel sentences for the analysis callbacks, which run on rank zero only while the other rank waits.
+TEXTS = {
+    "deu": ["Das Wetter ist heute schön.", "Ich lese ein Buch.", "Der Zug kommt spät.", "Wir essen zu Abend."],
+    "rus": ["Сегодня хорошая погода.", "Я читаю книгу.", "Поезд опаздывает.", "Мы ужинаем."],
+}
+ANALYSIS = [
+    {"class_path": "callbacks.Silhouette", "init_args": {"texts": TEXTS, "run_at": ["fit_end"]}},
+    {"class_path": "callbacks.NeuronSpecificity", "init_args": {"texts": TEXTS, "run_at": ["fit_end"], "top_share": 0.1}},
+]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    result = cli("fit", "--config", str(config(out, "straight")))
+    result = cli("fit", "--config", str(config(out, "straight", extra_callbacks=ANALYSIS)))
     return out, result
 
 
@@ -99,6 +110,9 @@ def test_fit_logs_every_language_and_validates_seen_and_unseen(straight):
         losses = logged[f"train/loss_{language}"]
         assert losses[STEPS - 1] < losses[0]
     assert "run summary" in result.stdout and "checkpoints" in result.stdout
+    # The analysis callbacks ran on rank zero of a 2-rank run without hanging the other rank.
+    assert "silhouette/cosine/layer_0" in logged
+    assert list((out / "logs" / "straight" / "version_0" / "language_neurons").glob("step_*.pt"))
 
 
 def test_validate_from_checkpoint_reproduces_the_in_run_validation(straight):
