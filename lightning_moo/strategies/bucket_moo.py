@@ -13,16 +13,16 @@ from ..buckets import BucketInfo, ParamRange
 from ..exchange import make_exchange
 from ..solvers import MGDA, Mean, MOOSolver, Sum
 from .deepspeed import StockDeepSpeedStrategy
+from .solver_state import SolverStateInCheckpoints
 from .zero_hook import ZeroBucketHook
 
 Mode = Literal["bucket", "global", "global_two_pass"]
 # Weights that do not depend on the gradients: combining each micro-step's gradients equals
 # combining their sum, so these may see ZeRO-2's per-micro-step reductions.
 _LINEAR_SOLVERS = (Mean, Sum)
-SOLVER_STATE = "bucket_moo_solver"
 
 
-class BucketMOOStrategy(StockDeepSpeedStrategy):
+class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
     """DeepSpeed ZeRO stage 1 or 2 with one language per rank (or per group of k ranks) and a MOO
     solver per gradient bucket.
 
@@ -203,18 +203,6 @@ class BucketMOOStrategy(StockDeepSpeedStrategy):
         finally:
             del engine._backward_prologue
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
-        # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
-        # same on every rank, DeepSpeed stores rank 0's client state.
-        checkpoint[SOLVER_STATE] = self.solver.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
-        if SOLVER_STATE in checkpoint:
-            self.solver.load_state_dict(checkpoint.pop(SOLVER_STATE))
-        return checkpoint
 
     def _check_config(self) -> None:
         """Refuse, before the first step, every configuration the hook cannot serve correctly."""

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..buckets import BucketInfo, ParamRange, Segment, even_segments, raise_non_finite
 from ..exchange import AllGatherExchange, Exchange, make_exchange
 from ..solvers import MGDA, MOOSolver
-from .bucket_moo import SOLVER_STATE
+from .solver_state import SolverStateInCheckpoints
 
 # DDPStrategy arguments that would replace our comm hook or average outside it.
 _CONFLICTING = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period", "delay_all_reduce_named_params")
@@ -107,7 +107,7 @@ def _gather_slices(tensor: Tensor, slices: list[Segment]) -> None:
         tensor[s.start : s.start + s.length] = received[r * width : r * width + s.length]
 
 
-class BucketMOODDPStrategy(DDPStrategy):
+class BucketMOODDPStrategy(SolverStateInCheckpoints, DDPStrategy):
     """PyTorch DDP with one rank per language and a MOO solver per DDP gradient bucket.
 
     Rank t trains language t. Where DDP averages the languages' gradients of a bucket, a comm hook
@@ -183,15 +183,3 @@ class BucketMOODDPStrategy(DDPStrategy):
         super().on_train_batch_start(batch, batch_idx)
         if self.hook is not None:
             self.hook.start_step(self.lightning_module.trainer.global_step)
-
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
-        # Stateful solvers (e.g. Nash-MTL's warm starts) resume where they were; the state is the
-        # same on every rank, and rank 0 writes the checkpoint.
-        checkpoint[SOLVER_STATE] = self.solver.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
-        if SOLVER_STATE in checkpoint:
-            self.solver.load_state_dict(checkpoint.pop(SOLVER_STATE))
-        return checkpoint
