@@ -48,3 +48,24 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: f
         err = (a[name] - b[name]).abs().max().item()
         scale = b[name].abs().max().item()
         assert err <= rtol * max(scale, 1e-12), f"{name}: max abs difference {err:.3e} (scale {scale:.3e})"
+
+
+def assert_mgda_per_bucket(thetas, steps_of_buckets, grads_at, lr: float, buckets_per_step: int) -> None:
+    """Every step's buckets: the recorded Gram is that of the reference gradients ``grads_at(step)``
+    (one dict per language, from plain autograd) on the bucket's parameters, and the applied update
+    ``(θ_s − θ_s+1) / lr`` is MGDA of that Gram applied to them."""
+    from lightning_moo.solvers import MGDA
+
+    for step, buckets in enumerate(steps_of_buckets):
+        grads = grads_at(step)
+        assert len(buckets) == buckets_per_step
+        for b in buckets.values():
+            names = [p.name for p in b.params]
+            flat = lambda d: torch.cat([d[n].reshape(-1) for n in names]).double()  # noqa: E731
+            g = torch.stack([flat(gr) for gr in grads])
+            torch.testing.assert_close(b.gram, g @ g.T, rtol=1e-5, atol=1e-9)
+            theta = flat(thetas[step])
+            d = (theta - flat(thetas[step + 1])) / lr
+            # What fp32 parameters blur in a direction recovered by differencing them.
+            atol = 4 * torch.finfo(torch.float32).eps * theta.abs().max().item() / lr
+            torch.testing.assert_close(d, MGDA()(g @ g.T) @ g, rtol=1e-4, atol=atol)
