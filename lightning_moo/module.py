@@ -8,6 +8,7 @@ label-style tasks, accuracy from the model's likelihood of each label.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional, Union
 
@@ -17,11 +18,13 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import get_scheduler
+from transformers import LlamaForCausalLM, get_scheduler
 
 from .hf import BYTES, load_causal_lm, load_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")
+# transformers renamed the forward argument past_key_values to cache (5.x warns about the old name).
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 STAGES = ("val", "test")
 
 
@@ -193,14 +196,36 @@ class MultilingualLM(LightningModule):
     def choose(self, batch: dict[str, Any]) -> Tensor:
         """Index of the label the model finds most likely (summed log-probability of its tokens).
 
-        One forward per example over its C choices: the full-vocabulary logits of B·C sequences at
-        once would take B·C·L·V floats (1.8 GB for 8 examples, 7 labels, SmolLM2's 49k vocabulary).
+        One example at a time: the full-vocabulary logits of B·C sequences at once would take
+        B·C·L·V floats (1.8 GB for 8 examples, 7 labels, SmolLM2's 49k vocabulary).
         """
         scores = [
-            -token_nll(self(ids, mask), labels)
+            -self.choice_nll(ids, mask, labels)
             for ids, mask, labels in zip(batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
         ]
         return torch.stack(scores).argmax(-1)
+
+    def choice_nll(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """``token_nll`` of one example's C right-padded choice sequences [C, L].
+
+        The choices share the prompt: it runs once, and its key/value cache serves all C label
+        continuations (C times fewer prompt tokens; the result is the full forward's up to rounding).
+        """
+        scored = (labels != -100).any(0).nonzero()
+        same = (ids == ids[:1]).all(0) & (mask == 1).all(0)
+        # The shared prefix: identical tokens in every choice, before the first scored token.
+        prefix = int(same.long().cumprod(0).sum())
+        if len(scored):
+            prefix = min(prefix, int(scored[0]))
+        if prefix < 1:
+            return token_nll(self(ids, mask), labels)
+        head = self.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        tail = self.model(input_ids=ids[:, prefix:], attention_mask=mask, **{_CACHE_ARGUMENT: cache}).logits
+        # Position prefix - 1 (the prompt's last) predicts token prefix, as in token_nll.
+        logits = torch.cat([head.logits[:, -1:].expand(ids.shape[0], -1, -1), tail], dim=1)
+        return token_nll(logits, labels[:, prefix - 1 :])
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")

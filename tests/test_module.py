@@ -162,3 +162,18 @@ def test_bad_arguments_fail_clearly():
         MultilingualLM()
     with pytest.raises(ValueError, match="schedule"):
         MultilingualLM(model_config=TINY, schedule="step")
+
+
+@pytest.mark.parametrize("prompt", ["Topic of: the match ended 2-1.", ""])
+def test_choice_nll_with_a_shared_prompt_cache_equals_full_forwards(prompt):
+    """Scoring the label continuations from one cached prompt == a full forward per choice (and an
+    empty shared prefix, where the choices differ from the first token, takes the full forward)."""
+    torch.manual_seed(0)
+    module = MultilingualLM(model_config=TINY, tokenizer="bytes").eval()
+    batch = with_choices(lm_batch("eng", [prompt]), [prompt], [1])
+    ids, mask, labels = (batch[k][0] for k in ("choice_input_ids", "choice_attention_mask", "choice_labels"))
+    with torch.no_grad():
+        cached = module.choice_nll(ids, mask, labels)
+        full = torch.stack([token_nll(module(ids[c : c + 1], mask[c : c + 1]), labels[c : c + 1])[0] for c in range(len(ids))])
+    assert cached.shape == (len(LABELS),)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)

@@ -121,7 +121,8 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         """
         if self.languages_per_rank == 1 or self.hook is None:
             raise RuntimeError(
-                "stash_gradient is for several languages per rank (more languages than ranks) in mode='bucket'; "
+                "stash_gradient is for several languages per rank (more languages than ranks) in mode='bucket' "
+                "or 'global'; "
                 "with one language per rank call manual_backward(loss)"
             )
         named = [(n, p) for n, p in self.deepspeed_engine.module.named_parameters() if p.requires_grad]
@@ -220,11 +221,11 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
                 "reduces gradients through buffered_reduce_fallback, bypassing the per-bucket solver."
             )
         accumulation = int(self.config.get("gradient_accumulation_steps", 1))
-        if self.languages_per_rank > 1 and (self.mode != "bucket" or accumulation > 1):
+        if self.languages_per_rank > 1 and (self.mode == "global_two_pass" or accumulation > 1):
             raise MisconfigurationException(
-                f"{self.languages_per_rank} languages per rank work in mode='bucket' without gradient "
+                f"{self.languages_per_rank} languages per rank work in mode='bucket' or 'global' without gradient "
                 f"accumulation (got mode={self.mode!r}, accumulate_grad_batches={accumulation}); use as many "
-                "ranks as languages for the global modes"
+                "ranks as languages for global_two_pass (mode='global' computes the same weights)"
             )
         if accumulation > 1 and self.mode != "bucket":
             raise MisconfigurationException(

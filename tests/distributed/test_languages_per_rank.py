@@ -1,4 +1,5 @@
-"""More languages than ranks: one process trains T languages and must equal the T-rank run; two
+"""More languages than ranks: one process trains T languages and must equal the T-rank run (per-bucket
+and global MOO); two
 ranks with two languages each must apply MGDA of all four languages' gradients per bucket."""
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ def test_one_process_with_two_languages_equals_the_two_rank_run(tmp_path):
     single = run_ranks(
         [dict(name="one_process", languages=2, languages_per_rank=2, **SGD),
          dict(name="one_process_allgather", languages=2, languages_per_rank=2, exchange="allgather", **SGD),
-         dict(name="one_process_stash_cpu", languages=2, languages_per_rank=2, stash_device="cpu", **SGD)],
+         dict(name="one_process_stash_cpu", languages=2, languages_per_rank=2, stash_device="cpu", **SGD),
+         dict(name="one_process_global", languages=2, languages_per_rank=2, mode="global", **SGD)],
         _dir(tmp_path / "one"), world_size=1,
     )
-    distributed = run_ranks([dict(name="two_ranks", languages=2, **SGD)], _dir(tmp_path / "two"), world_size=2)["two_ranks"]
-    reference = distributed[0]
-    for name in ("one_process", "one_process_allgather", "one_process_stash_cpu"):
+    distributed = run_ranks(
+        [dict(name="two_ranks", languages=2, **SGD), dict(name="two_ranks_global", languages=2, mode="global", **SGD)],
+        _dir(tmp_path / "two"), world_size=2,
+    )
+    for name in ("one_process", "one_process_allgather", "one_process_stash_cpu", "one_process_global"):
         run = single[name][0]
+        reference = distributed["two_ranks_global" if name.endswith("global") else "two_ranks"][0]
         # The same buckets (parameters and order) as the distributed run, the same Grams and weights.
         for ours, theirs in zip(run["buckets"], reference["buckets"]):
             assert sorted(ours) == sorted(theirs)
@@ -55,3 +60,10 @@ def test_languages_that_do_not_split_over_the_ranks_are_refused(tmp_path):
 def _dir(path):
     path.mkdir()
     return path
+
+
+@pytest.mark.timeout(300)
+def test_global_two_pass_with_several_languages_per_rank_is_refused(tmp_path):
+    result = run_ranks([dict(name="two_pass", languages=2, languages_per_rank=2, mode="global_two_pass", expect_error=True, **SGD)],
+                       tmp_path, world_size=1)
+    assert "use as many ranks as languages for global_two_pass" in result["two_pass"][0]["error"]
