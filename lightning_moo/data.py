@@ -259,7 +259,9 @@ class MultilingualDataModule(pl.LightningDataModule):
             text at the end), "drop" (skip the row) or "error".
         batch_size: Training batch size per rank.
         eval_batch_size: Evaluation batch size; default ``batch_size``.
-        max_eval_examples: Keep only the first N rows per language and evaluation split.
+        max_eval_examples: Keep N evenly spaced rows per language and evaluation split (rows
+            ⌊i·len/N⌋: a file sorted by label keeps its mix of labels; parallel files keep the same
+            sentences in every language).
         seed: Seed of the per-epoch shuffling.
         num_workers: DataLoader worker processes.
         tokenizer: A transformers tokenizer; default: ``tokenizer`` of the trainer's LightningModule.
@@ -519,8 +521,11 @@ class MultilingualDataModule(pl.LightningDataModule):
                 rows = self._of_language(rows, language, where)
         if not rows:
             raise DataError(f"{where}: no {stage} rows for language {language!r}; add rows or remove the language")
-        if stage != "train" and self.max_eval_examples is not None:
-            rows = rows[: self.max_eval_examples]
+        if stage != "train" and self.max_eval_examples is not None and len(rows) > self.max_eval_examples:
+            # Evenly spaced rows, not the first N: files sorted by label (SIB-200 is) keep their mix.
+            # The same positions in every language, so parallel files give the same sentences.
+            step = len(rows) / self.max_eval_examples
+            rows = [rows[int(i * step)] for i in range(self.max_eval_examples)]
         return rows
 
     # ----- tokenization -----

@@ -187,23 +187,46 @@ class MultilingualLM(LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         metrics = self.metrics[stage][batch["language"]]
-        nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        if "accuracy" in metrics and "choice_input_ids" in batch:
+            choices = self.choice_nlls(batch)
+            metrics["accuracy"].update(choices.argmin(-1), batch["label_index"])
+            nll = self._true_choice_nll(batch, choices)
+        else:
+            nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         metrics["nll"].update(nll.double().sum())
         metrics["bytes"].update(batch["num_bytes"].double().sum())
-        if "accuracy" in metrics and "choice_input_ids" in batch:
-            metrics["accuracy"].update(self.choose(batch), batch["label_index"])
+
+    def _true_choice_nll(self, batch: dict[str, Any], choices: Tensor) -> Tensor:
+        """The examples' NLL, read from the true label's choice where that is the same sequence as the
+        example (as the DataModule builds them: one shared prompt); computed afresh otherwise."""
+        picked = torch.arange(len(choices))
+        true = batch["label_index"]
+        width = batch["input_ids"].shape[1]
+        ids, labels = batch["choice_input_ids"][picked, true], batch["choice_labels"][picked, true]
+        same = (
+            ids.shape[1] >= width
+            and torch.equal(ids[:, :width] * batch["attention_mask"], batch["input_ids"] * batch["attention_mask"])
+            and torch.equal(labels[:, :width], batch["labels"])
+            and bool((labels[:, width:] == -100).all())
+        )
+        if same:
+            return choices[picked, true]
+        return token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
     def choose(self, batch: dict[str, Any]) -> Tensor:
-        """Index of the label the model finds most likely (summed log-probability of its tokens).
+        """Index of the label the model finds most likely (summed log-probability of its tokens)."""
+        return self.choice_nlls(batch).argmin(-1)
+
+    def choice_nlls(self, batch: dict[str, Any]) -> Tensor:
+        """[B, C] summed NLL of each example's label choices.
 
         One example at a time: the full-vocabulary logits of B·C sequences at once would take
         B·C·L·V floats (1.8 GB for 8 examples, 7 labels, SmolLM2's 49k vocabulary).
         """
-        scores = [
-            -self.choice_nll(ids, mask, labels)
+        return torch.stack([
+            self.choice_nll(ids, mask, labels)
             for ids, mask, labels in zip(batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"])
-        ]
-        return torch.stack(scores).argmax(-1)
+        ])
 
     def choice_nll(self, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
         """``token_nll`` of one example's C right-padded choice sequences [C, L].

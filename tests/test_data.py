@@ -470,3 +470,17 @@ def test_resume_mid_epoch_sees_the_same_batches(tmp_path, byt5):
         checkpoint = tmp_path / "cut" / ("last.ckpt" if step == "last" else f"step={step}.ckpt")
         resumed = fit(tmp_path, byt5, ckpt_path=checkpoint, name=f"resumed{step}")
         assert full[:resumed_from] + resumed == full, step
+
+
+def test_max_eval_examples_keeps_evenly_spaced_rows_of_a_label_sorted_file(tmp_path, byt5):
+    # 12 rows sorted by label (4 × a, 4 × b, 4 × c), as SIB-200's files are: the first 6 rows would
+    # hold labels a and b only; rows ⌊i·12/6⌋ = 0, 2, 4, 6, 8, 10 hold every label twice.
+    rows = [{"text": f"sentence {i}", "category": "abc"[i // 4]} for i in range(12)]
+    for split in ("train", "dev"):
+        (tmp_path / "aaa").mkdir(exist_ok=True)
+        write_jsonl(tmp_path / "aaa" / f"{split}.jsonl", rows)
+    dm = MultilingualDataModule(["aaa"], source=str(tmp_path), file_pattern="{language}/{split}.jsonl", tokenizer=byt5,
+                                splits={"validation": "dev"}, max_eval_examples=6)
+    kept = [r.data["text"] for r in dm.load_rows("aaa", "validation")]
+    assert kept == [f"sentence {i}" for i in (0, 2, 4, 6, 8, 10)]
+    assert len(dm.load_rows("aaa", "train")) == 12  # training rows are never cut
