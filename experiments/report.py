@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ class RunLog:
     seconds: float
     command: list[str]
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    wall: dict[str, list[float]] = field(default_factory=dict)  # wall-clock stamps of the scalars
 
     def last(self, tag: str) -> Optional[float]:
         points = self.scalars.get(tag)
@@ -54,16 +56,19 @@ class RunLog:
         return next((v for s, v in self.scalars.get(tag, []) if s == step), None)
 
 
-def read_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[float]]]:
+    """Every scalar of the run's TensorBoard events: (step, value) pairs and their wall-clock stamps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted({p.parent for p in directory.rglob("events.out.tfevents.*")}):
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+    events: dict[str, list] = {}
+    for folder in sorted({p.parent for p in directory.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: sorted(points) for tag, points in scalars.items()}
+            events.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    ordered_events = {tag: sorted(found, key=lambda e: (e.step, e.wall_time)) for tag, found in events.items()}
+    return ({tag: [(e.step, e.value) for e in found] for tag, found in ordered_events.items()},
+            {tag: [e.wall_time for e in found] for tag, found in ordered_events.items()})
 
 
 def load_runs(out: Path) -> list[RunLog]:
@@ -71,9 +76,26 @@ def load_runs(out: Path) -> list[RunLog]:
     for done in sorted((out / "runs").glob("*/*/seed*/done.json")):
         directory = done.parent
         info = json.loads(done.read_text())
+        scalars, wall = read_scalars(directory)
         runs.append(RunLog(directory.parents[1].name, directory.parent.name, int(directory.name[4:]),
-                           info["seconds"], info["command"], read_scalars(directory)))
+                           info["seconds"], info["command"], scalars, wall))
     return runs
+
+
+def _relative(text: str) -> str:
+    """Paths as seen from the repository root (the results are read on other machines)."""
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT.parent) + "/", "../")
+
+
+def _plain_yaml(text: str) -> str:
+    """YAML without anchors and aliases (shared lists are written out each time)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    return yaml.dump(yaml.safe_load(text), Dumper=Dumper, sort_keys=False)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -127,7 +149,7 @@ def paired_table(runs: list[RunLog], metric: str) -> list[str]:
     """Each method minus Mean on the same seed (same data order), seen and unseen averages."""
     base = {r.seed: r for r in runs if r.method == "mean"}
     methods = [m for m in ordered(r.method for r in runs) if m not in ("mean", "base")]
-    if not base or not methods:
+    if not base or not methods or not any(f"val/{metric}_seen" in r.scalars for r in base.values()):
         return []
     lines = [f"{METRICS[metric][0].capitalize()}: method − Mean on the same seed, mean ± 95% CI over seeds:", "",
              "| | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
@@ -156,15 +178,25 @@ def conflict_table(runs: list[RunLog]) -> list[str]:
 
 
 def time_table(runs: list[RunLog]) -> list[str]:
-    trained = [r for r in runs if r.method != "base"]
+    """Seconds per training step (from the wall-clock stamps of the per-step loss logs, so start-up,
+    evaluation and the seed-0 analysis callbacks are not in it) and whole-run wall time."""
+    trained = [r for r in runs if r.method != "base" and r.wall.get("train/loss")]
     methods = ordered(r.method for r in trained)
-    reference = [r.seconds for r in trained if r.method == "mean"]
-    lines = ["Wall time per run (start-up, training, final evaluation; mean ± 95% CI over seeds):", "",
-             "| method | seconds | × Mean |", "|---|---|---|"]
+
+    def per_step(r: RunLog) -> float:
+        stamps = r.wall["train/loss"]
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+    reference = [per_step(r) for r in trained if r.method == "mean"]
+    lines = ["Time (this machine, every run alone on it; mean ± 95% CI over seeds). Step: wall clock between "
+             "the first and last logged training step, per step. Run: the whole command, start-up, final "
+             "evaluation and (seed 0) the silhouette / LAPE passes included:", "",
+             "| method | s / step | × Mean | s / run |", "|---|---|---|---|"]
     for m in methods:
-        seconds = [r.seconds for r in trained if r.method == m]
-        ratio = f"{np.mean(seconds) / np.mean(reference):.2f}" if reference else "–"
-        lines.append(f"| {METHOD_LABELS.get(m, m)} | {cell(seconds, 0)} | {ratio} |")
+        steps = [per_step(r) for r in trained if r.method == m]
+        ratio = f"{np.mean(steps) / np.mean(reference):.2f}" if reference else "–"
+        lines.append(f"| {METHOD_LABELS.get(m, m)} | {cell(steps, 3)} | {ratio} | "
+                     f"{cell([r.seconds for r in trained if r.method == m], 0)} |")
     return lines
 
 
@@ -196,7 +228,7 @@ def per_language_bars(runs: list[RunLog], metric: str, path: Path) -> Optional[P
         stats_ = [mean_ci([v for r in runs if r.method == m and (v := r.last(f"val/{metric}_{lang}")) is not None])
                   for lang in languages]
         means = [s[0] for s in stats_]
-        errors = [0 if math.isnan(s[1]) else s[1] for s in stats_]
+        errors = None if all(math.isnan(s[1]) for s in stats_) else [0 if math.isnan(s[1]) else s[1] for s in stats_]
         x = np.arange(len(languages)) + (i - (len(methods) - 1) / 2) * width
         axes.bar(x, means, width, yerr=errors, capsize=2, label=METHOD_LABELS.get(m, m), color=colors[m])
     if unseen:
@@ -256,6 +288,7 @@ def per_layer(runs: list[RunLog], prefix: str, suffix: str, ylabel: str, title: 
         after = [run.last(pattern(i)) for i in range(layers)]
         axes.plot(range(layers), after, marker="o", markersize=3, color=colors[m], label=f"after: {METHOD_LABELS.get(m, m)}")
     axes.set_xlabel("layer")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.legend(fontsize="x-small")
@@ -268,7 +301,8 @@ def write(out: Path) -> list[Path]:
     if not runs:
         raise SystemExit(f"no finished runs under {out / 'runs'}")
     written: list[Path] = []
-    lines = ["# Results", "", f"Made by `python -m experiments.report --out {out.name}` from the runs' TensorBoard logs "
+    shown = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out.name
+    lines = ["# Results", "", f"Made by `python -m experiments.report --out {shown}` from the runs' TensorBoard logs "
              "(see experiments/README.md for what was run and how to read it).", ""]
     by_setting: dict[str, list[RunLog]] = defaultdict(list)
     for r in runs:
@@ -278,8 +312,13 @@ def write(out: Path) -> list[Path]:
         lines += [f"## {setting}", "", f"Seeds: {', '.join(map(str, seeds))}. Methods: "
                   + ", ".join(METHOD_LABELS.get(m, m) for m in ordered(r.method for r in group)) + ".", ""]
         example = next(r for r in group if r.method == "mean") if any(r.method == "mean" for r in group) else group[0]
-        command = " ".join(example.command).replace(str(ROOT) + "/", "")
-        lines += ["One run (the others differ in the overrides file):", "", "    python " + command, ""]
+        command = _relative(" ".join(example.command))
+        lines += ["One run (the others differ in the overrides file's seeds and `strategy`):", "",
+                  "    python " + command, ""]
+        overrides = out / "runs" / setting / example.method / f"seed{example.seed}" / "overrides.yaml"
+        if overrides.is_file():
+            lines += ["<details><summary>its overrides.yaml</summary>", "", "```yaml",
+                      _relative(_plain_yaml(overrides.read_text())).rstrip(), "```", "</details>", ""]
         for metric in METRICS:
             for table in (results_table(group, metric), paired_table(group, metric)):
                 if table:

@@ -14,6 +14,7 @@ runs' logs into ``<out>/results.md`` and the PNG plots.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -109,8 +110,8 @@ def analysis_callbacks(setting: Setting, sib200: Path, run_at: list[str]) -> lis
              "max_length": setting.analysis_max_length, "run_at": run_at}
     if setting.analysis_languages:
         texts["languages"] = setting.analysis_languages
-    return [{"class_path": "callbacks.Silhouette", "init_args": dict(texts)},
-            {"class_path": "callbacks.NeuronSpecificity", "init_args": dict(texts)}]
+    return [{"class_path": "callbacks.Silhouette", "init_args": copy.deepcopy(texts)},
+            {"class_path": "callbacks.NeuronSpecificity", "init_args": copy.deepcopy(texts)}]
 
 
 def overrides(name: str, setting: Setting, method: str, seed: int, steps: int, run_dir: Path,
