@@ -102,3 +102,23 @@ def test_smoke_run_of_the_demo_setting(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(runs)} runs, {len(runs)} already done" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
+
+
+def _run(method, seed, seen, unseen):
+    scalars = {"train/loss_deu": [(0, 1.0)], "val/bpb_deu": [(9, seen)], "val/bpb_fra": [(9, unseen)],
+               "val/bpb_seen": [(9, seen)], "val/bpb_unseen": [(9, unseen)]}
+    return report.RunLog("toy", method, seed, 1.0, [], scalars)
+
+
+def test_tables_aggregate_over_seeds_and_pair_each_method_with_mean_on_its_seed():
+    runs = [_run("mean", s, seen, 5.0) for s, seen in enumerate([1.0, 2.0, 3.0])]
+    runs += [_run("bucket_mgda", s, seen, 4.0 + s) for s, seen in enumerate([1.5, 2.5, 3.5])]
+    assert report.languages_of(runs, "bpb") == (["deu"], ["fra"])
+    table = "\n".join(report.results_table(runs, "bpb"))
+    assert "| **seen** | 2.000 ± 2.484 | 2.500 ± 2.484 |" in table  # t(0.975, 2)·1/√3 = 2.484
+    assert "| fra (unseen) | 5.000 ± 0.000 | 5.000 ± 2.484 |" in table
+    paired = "\n".join(report.paired_table(runs, "bpb"))
+    # Per seed: 0.5, 0.5, 0.5 (seen) and -1, 0, 1 (unseen): the pairing removes the seed effect.
+    assert "| seen | 0.5000 ± 0.0000 |" in paired
+    assert "| unseen | 0.0000 ± 2.4841 |" in paired
+    assert report.paired_table(runs, "acc") == []  # no accuracy logged: no table
