@@ -30,6 +30,7 @@ class ZeroBucketHook:
         # computed before the last language's backward reaches the buckets.
         self.languages_per_rank = 1
         self.stash: list[dict[int, Tensor]] = []
+        self._stashed_rows: Tensor | None = None  # the current bucket's, for the non-finite report
 
     def start_step(self, step: int) -> None:
         """Number buckets from 0 again: bucket ids are the order of reduction within one (micro-)step."""
@@ -47,8 +48,17 @@ class ZeroBucketHook:
                 f"of the first {self.languages_per_rank - 1}, then manual_backward(loss) for the last"
             )
         params = bucket_params(self.optimizer, comm_dtype)
-        rows = torch.stack([torch.cat([s[id(p)].reshape(-1) for p in params]) for s in self.stash])
-        return rows.to(like.device, like.dtype)
+        # Filled in place, each stashed gradient released once copied: a bucket as large as the
+        # model (mode='global') then holds one copy of the other languages' gradients, not three.
+        rows = torch.empty(len(self.stash), sum(p.numel() for p in params), dtype=like.dtype, device=like.device)
+        for row, stashed in zip(rows, self.stash):
+            offset = 0
+            for p in params:
+                g = stashed.pop(id(p))
+                row[offset : offset + g.numel()].copy_(g.reshape(-1))
+                offset += g.numel()
+        self._stashed_rows = rows
+        return rows
 
     def __call__(self, tensor: Tensor, communication_data_type: torch.dtype) -> None:
         if tensor.numel() == 0:
@@ -85,11 +95,11 @@ class ZeroBucketHook:
             # fp16 with dynamic loss scaling: let DeepSpeed see the overflow, skip the step and
             # lower the scale, exactly as it would for an averaged gradient.
             return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
-        stashed = bucket_params(self.optimizer, self._comm_dtype) if self.stash else params
+        rows = self._stashed_rows if self.stash else None
         bad_here = [
             not bool(torch.isfinite(tensor[p.start : p.end]).all())
-            or any(not bool(torch.isfinite(s[id(q)]).all()) for s in self.stash)
-            for p, q in zip(params, stashed)
+            or (rows is not None and not bool(torch.isfinite(rows[:, p.start : p.end]).all()))
+            for p in params
         ]
         k, m = self.exchange.ranks_per_language, self.languages_per_rank
 
