@@ -1,6 +1,6 @@
 """Run the experiments of experiments/README.md and write their tables and plots.
 
-    python -m experiments.run_all --out results/                   # everything (about 1.5 h on 2 CPU cores)
+    python -m experiments.run_all --out results/                   # everything (1 h 50 min on 2 CPU cores)
     python -m experiments.run_all --out results/ --settings demo   # the offline demo setting only
     python -m experiments.run_all --out /tmp/smoke --smoke         # 1 seed, a few steps (what CI runs)
 
