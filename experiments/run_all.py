@@ -114,7 +114,7 @@ def analysis_callbacks(setting: Setting, sib200: Path, run_at: list[str]) -> lis
             {"class_path": "callbacks.NeuronSpecificity", "init_args": copy.deepcopy(texts)}]
 
 
-def overrides(name: str, setting: Setting, method: str, seed: int, steps: int, run_dir: Path,
+def overrides(setting: Setting, method: str, seed: int, steps: int, run_dir: Path,
               sib200: Path, analyse: bool, model_path: Optional[Path]) -> dict[str, Any]:
     """The run's changes to the setting's config (written to the run directory as YAML)."""
     callbacks: list[dict[str, Any]] = []
@@ -195,7 +195,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         jobs += [(method, seed) for seed in seeds for method in methods]
         for method, seed in jobs:
             run_dir = args.out / "runs" / name / method / f"seed{seed}"
-            config = overrides(name, setting, method, seed, steps, run_dir, args.sib200,
+            config = overrides(setting, method, seed, steps, run_dir, args.sib200,
                                analyse=seed == seeds[0] and not args.no_analysis, model_path=model_path)
             command = [sys.executable, "-m", "lightning_moo.cli", "validate" if method == "base" else "fit",
                        "--config", setting.config, "--config", str(run_dir / "overrides.yaml")]
