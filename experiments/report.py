@@ -341,7 +341,7 @@ def write(out: Path) -> list[Path]:
     overhead = out / "overhead.md"
     if overhead.is_file():
         lines += ["## Time, bytes and peak memory: stock vs bucket-level vs global", "",
-                  *overhead.read_text().splitlines()[2:], ""]
+                  *_relative(overhead.read_text()).splitlines()[2:], ""]
     target = out / "results.md"
     target.write_text("\n".join(lines))
     return [target, *written]

@@ -229,7 +229,9 @@ def overhead_table(args: argparse.Namespace) -> Optional[Path]:
     configs = ["stock ZeRO-2", "bucket MGDA sharded", "bucket MGDA allgather", "bucket CAGrad sharded",
                "bucket PCGrad sharded", "global MGDA (allgather)", "global_two_pass MGDA"]
     size = ["--ranks", "2", "--width", "128", "--layers", "3", "--warmup", "1", "--steps", "2"] if args.smoke else ["--ranks", "4"]
-    command = [sys.executable, "benchmarks/overhead.py", *size, "--configs", *configs, "--out", str(target)]
+    # Relative to the repository root when inside it: the table prints its own command.
+    shown = os.path.relpath(target, ROOT) if target.is_relative_to(ROOT) else str(target)
+    command = [sys.executable, "benchmarks/overhead.py", *size, "--configs", *configs, "--out", shown]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return target
 
