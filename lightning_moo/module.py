@@ -199,7 +199,7 @@ class MultilingualLM(LightningModule):
     def _true_choice_nll(self, batch: dict[str, Any], choices: Tensor) -> Tensor:
         """The examples' NLL, read from the true label's choice where that is the same sequence as the
         example (as the DataModule builds them: one shared prompt); computed afresh otherwise."""
-        picked = torch.arange(len(choices))
+        picked = torch.arange(len(choices), device=choices.device)
         true = batch["label_index"]
         width = batch["input_ids"].shape[1]
         ids, labels = batch["choice_input_ids"][picked, true], batch["choice_labels"][picked, true]

@@ -78,6 +78,8 @@ class ZeroBucketHook:
         with _reduction_stream(opt, communication_data_type):
             others = self._others(communication_data_type, work)
             piece_grams, w = self.exchange.reduce(work, segments, [(p.start, p.end) for p in params], solve, group, others)
+            # Only the non-finite report inside reduce reads the rows: do not hold them past it.
+            self._stashed_rows = others = None
             if work is not tensor:
                 tensor.copy_(work)
             # bf16 params with fp32 gradient accumulation keep reduced gradients in a separate fp32
