@@ -1,5 +1,7 @@
 """The CLI builds what the command line says: solver swaps, a user's own solver, languages from the data."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from lightning_moo.cli import MOOCLI
 from lightning_moo.data import MultilingualDataModule
 from lightning_moo.module import MultilingualLM
-from lightning_moo.solvers import CAGrad, MGDA, MOOSolver
+from lightning_moo.solvers import CAGrad, MGDA, MOOSolver, NashMTL, UPGrad, solver_names
 from lightning_moo.strategies import BucketMOOStrategy, StockDeepSpeedStrategy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -65,3 +67,64 @@ def test_shipped_configs_parse(name, capsys):
         MOOCLI(MultilingualLM, MultilingualDataModule, args=["fit", "--config", str(CONFIGS / name), "--print_config"])
     assert exit_.value.code == 0
     assert "train_languages" in capsys.readouterr().out
+
+
+# --- solvers by short name; an unknown name fails in a few lines that list the solvers ------------
+
+@pytest.mark.parametrize(
+    "args, cls, init",
+    [(["--strategy.solver=cagrad", "--strategy.solver.c=0.4"], CAGrad, {"c": 0.4}),
+     (["--strategy.solver", "Nash-MTL"], NashMTL, {}),
+     (["--strategy.solver.class_path=upgrad"], UPGrad, {}),
+     (["--strategy.solver={class_path: cagrad, init_args: {c: 0.7}}"], CAGrad, {"c": 0.7})],
+)
+def test_solver_by_short_name_on_the_command_line(args, cls, init):
+    solver = build(*args).trainer.strategy.solver
+    assert type(solver) is cls and all(getattr(solver, k) == v for k, v in init.items())
+
+
+@pytest.mark.parametrize(
+    "solver, cls, init",
+    [("mgda", MGDA, {"normalization": "none"}), ("{class_path: cagrad, init_args: {c: 0.4}}", CAGrad, {"c": 0.4}),
+     ("{class_path: CAGrad, init_args: {c: 0.3}}", CAGrad, {"c": 0.3})],
+)
+def test_solver_by_short_name_in_yaml(tmp_path, solver, cls, init):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"strategy:\n  init_args:\n    solver: {solver}\n")
+    solver = build("--config", str(config)).trainer.strategy.solver
+    assert type(solver) is cls and all(getattr(solver, k) == v for k, v in init.items())
+
+
+UNKNOWN = [["--strategy.solver=NoSuch"], ["--strategy.solver", "NoSuch"], ["--strategy.solver.class_path=NoSuch"],
+           ["--strategy.solver={class_path: NoSuch, init_args: {c: 1}}"], ["--strategy.solver=no_module.NoSuch"],
+           ["--strategy", "{class_path: BucketMOOStrategy, init_args: {solver: NoSuch}}"], "config"]
+
+
+@pytest.mark.parametrize("args", UNKNOWN, ids=["equals", "space", "class_path", "mapping", "dotted", "strategy", "config"])
+def test_unknown_solver_fails_in_a_few_lines_that_list_the_solvers(tmp_path, capsys, args):
+    if args == "config":
+        config = tmp_path / "config.yaml"
+        config.write_text("strategy:\n  class_path: lightning_moo.strategies.BucketMOOStrategy\n"
+                          "  init_args:\n    solver: {class_path: NoSuch}\n")
+        args = ["--config", str(config)]
+    with pytest.raises(SystemExit) as exit_:
+        MOOCLI(MultilingualLM, MultilingualDataModule, args=["fit", "--config", str(CONFIGS / "demo.yaml"), *args,
+                                                             "--print_config"])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    error = captured.err[captured.err.index("lightning-moo: error:"):]
+    assert "unknown solver 'NoSuch'" in error or "unknown solver 'no_module.NoSuch'" in error
+    assert len(error.strip().splitlines()) == 2 and "usage:" not in captured.err and captured.out == ""
+    assert ", ".join(solver_names()) in error and "class_path" in error.splitlines()[1]
+
+
+def test_unknown_solver_from_the_installed_command(tmp_path):
+    """The console script itself: exit status 2 and two lines, parsed before any training."""
+    result = subprocess.run([sys.executable, "-m", "lightning_moo.cli", "fit", "--config", str(CONFIGS / "demo.yaml"),
+                             "--strategy.solver=NoSuch", "--print_config"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if "[WARNING]" not in line]  # DeepSpeed's import notice
+    assert lines == [
+        f"lightning-moo: error: --strategy.solver: unknown solver 'NoSuch'; the solvers are: {', '.join(solver_names())}.",
+        "Or give your own MOOSolver subclass: solver: {class_path: my_module.MySolver, init_args: {...}}",
+    ]

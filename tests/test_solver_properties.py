@@ -1,8 +1,16 @@
-"""Properties every solver's weights must have, on many random and degenerate Gram matrices."""
+"""Properties every solver's weights must have, on many random and degenerate Gram matrices.
+
+Each property test takes exactly the solvers that declare the property (``conflict_free``,
+``scale_invariant``, ``permutation_equivariant``, ``stateful``: see ``MOOSolver``): every
+registered solver in its default configuration, plus the configurations in ``CASES`` whose
+arguments change a declaration.
+"""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -12,11 +20,47 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.optimize import minimize, minimize_scalar
 
-from lightning_moo.solvers import MGDA, AlignedMTL, CAGrad, DualProj, IMTLG, Mean, NashMTL, PCGrad, Sum, UPGrad
+from lightning_moo.solvers import (
+    DECLARATIONS, IMTLG, MGDA, CAGrad, DualProj, MOOSolver, NashMTL, PCGrad, UPGrad, solver_class, solver_names,
+)
 
 from jacobians import jacobians, nonzero
 
-ALL = [Mean, Sum, MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL]
+
+class PCGradOnTwoTasks(PCGrad):
+    """PCGrad on at most two tasks, where each gradient is projected at most once, onto the other's
+    normal plane: the random order cannot matter and the sum conflicts with neither task."""
+
+    conflict_free = True
+    permutation_equivariant = True
+
+    def weights(self, gram):
+        assert gram.shape[0] <= 2, "PCGradOnTwoTasks declares its guarantees for two tasks only"
+        return super().weights(gram)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A solver configuration: a fresh solver per example (stateful solvers carry nothing over)."""
+
+    make: Callable[[], MOOSolver]
+    max_tasks: int = 8
+
+
+# Every registered solver as configured by default, then configurations that change a declaration.
+CASES = {name: Case(solver_class(name)) for name in solver_names()} | {
+    "mgda-l2": Case(lambda: MGDA("l2")),
+    "cagrad-c1": Case(lambda: CAGrad(c=1.0)),
+    "cagrad-c2": Case(lambda: CAGrad(c=2.0)),
+    "pcgrad-T2": Case(lambda: PCGradOnTwoTasks(seed=3), max_tasks=2),
+    "nashmtl-every2": Case(lambda: NashMTL(update_weights_every=2)),
+}
+
+
+def declaring(declaration: str | None = None, value: bool = True) -> list:
+    """The cases whose solver declares ``declaration`` (every case for None), as pytest params."""
+    return [pytest.param(case, id=name) for name, case in CASES.items()
+            if declaration is None or getattr(case.make(), declaration) is value]
 
 
 def solve(solver, G: np.ndarray) -> np.ndarray:
@@ -30,63 +74,97 @@ def same_direction(G: np.ndarray, w1: np.ndarray, w2: np.ndarray, rtol: float) -
     return float(delta @ G @ delta) <= rtol * scale
 
 
-@pytest.mark.parametrize("cls", ALL)
-@given(J=jacobians())
-def test_weights_are_finite_with_one_per_task(cls, J):
-    w = solve(cls(), J @ J.T)
+@pytest.mark.parametrize("case", declaring())
+@given(data=st.data())
+def test_weights_are_finite_with_one_per_task(case, data):
+    J = data.draw(jacobians(max_tasks=case.max_tasks))
+    w = solve(case.make(), J @ J.T)
     assert w.shape == (J.shape[0],) and np.isfinite(w).all()
 
 
-@pytest.mark.parametrize("cls", ALL)
-@given(J=jacobians(scales=False), data=st.data())
-def test_permutation_equivariance(cls, J, data):
-    """Permuting the tasks permutes the direction's task coordinates (PCGrad: only for T = 2,
-    where the random order cannot matter)."""
+@pytest.mark.parametrize("case", declaring("permutation_equivariant"))
+@given(data=st.data())
+def test_permutation_equivariance(case, data):
+    """Permuting the tasks permutes the direction's task coordinates."""
+    J = data.draw(jacobians(scales=False, max_tasks=case.max_tasks))
     T = J.shape[0]
-    assume(cls is not PCGrad or T <= 2)
     perm = np.array(data.draw(st.permutations(range(T))))
     G = J @ J.T
-    w = solve(cls(), G)
-    w_perm = solve(cls(), G[np.ix_(perm, perm)])
+    w = solve(case.make(), G)
+    w_perm = solve(case.make(), G[np.ix_(perm, perm)])
     assert same_direction(G[np.ix_(perm, perm)], w[perm], w_perm, 1e-9)
 
 
-@pytest.mark.parametrize("cls", ALL)
-@given(J=jacobians(scales=False), exponent=st.integers(-20, 20))
-def test_scale_invariance_of_the_direction_shape(cls, J, exponent):
+@pytest.mark.parametrize("case", declaring("scale_invariant"))
+@given(data=st.data(), exponent=st.integers(-20, 20))
+def test_scale_invariance_of_the_direction_shape(case, data, exponent):
     """Scaling every gradient by a > 0 scales the direction by a: same weights."""
+    J = data.draw(jacobians(scales=False, max_tasks=case.max_tasks))
     G = J @ J.T
-    w = solve(cls(), G)
-    w_scaled = solve(cls(), G * 10.0**exponent)
+    w = solve(case.make(), G)
+    w_scaled = solve(case.make(), G * 10.0**exponent)
     assert same_direction(G, w, w_scaled, 1e-9)
 
 
-NO_CONFLICT = [(MGDA, 8), (UPGrad, 8), (DualProj, 8), (lambda: PCGrad(seed=3), 2), (lambda: CAGrad(c=1.0), 8),
-               (lambda: CAGrad(c=2.0), 8)]
-NO_CONFLICT_IDS = ["MGDA", "UPGrad", "DualProj", "PCGrad-T2", "CAGrad-c1", "CAGrad-c2"]
-
-
-@pytest.mark.parametrize("make, max_tasks", NO_CONFLICT, ids=NO_CONFLICT_IDS)
+@pytest.mark.parametrize("case", declaring("conflict_free"))
 @given(data=st.data())
-def test_no_conflict(make, max_tasks, data):
+def test_no_conflict(case, data):
     """⟨g_t, d⟩ ≥ 0 for every task, for the methods that guarantee it, on well-posed gradients
     whose norms span two orders of magnitude."""
-    J = data.draw(jacobians(max_tasks=max_tasks, well_posed=True, spread=1))
+    J = data.draw(jacobians(max_tasks=case.max_tasks, well_posed=True, spread=1))
     G = J @ J.T
-    w = solve(make(), G)
+    w = solve(case.make(), G)
     assert (G @ w).min() >= -1e-7 * np.max(np.diag(G))
 
 
-@pytest.mark.parametrize("make, max_tasks", NO_CONFLICT, ids=NO_CONFLICT_IDS)
+@pytest.mark.parametrize("case", declaring("conflict_free"))
 @given(data=st.data())
-def test_no_conflict_with_norms_spread_over_six_orders(make, max_tasks, data):
+def test_no_conflict_with_norms_spread_over_six_orders(case, data):
     """The same with norms spanning 1e-3 … 1e3: the small gradients' geometry then sits 1e-12
     below the Gram's leading digits, and exactly degenerate cones (a zero gradient, opposed
     pairs of very different length) need weights of 1e6; measured worst case 2.4e-5."""
-    J = data.draw(jacobians(max_tasks=max_tasks, well_posed=True, spread=3))
+    J = data.draw(jacobians(max_tasks=case.max_tasks, well_posed=True, spread=3))
     G = J @ J.T
-    w = solve(make(), G)
+    w = solve(case.make(), G)
     assert (G @ w).min() >= -1e-4 * np.max(np.diag(G))
+
+
+@pytest.mark.parametrize("case", declaring("stateful", False))
+@given(data=st.data())
+def test_stateless_solvers_keep_no_state(case, data):
+    """A solver declared stateless keeps nothing between calls: after other Grams, buckets and
+    steps it gives a fresh solver's weights, and its state_dict stays empty."""
+    used, fresh = case.make(), case.make()
+    for _ in range(data.draw(st.integers(1, 3))):
+        J = data.draw(jacobians(max_tasks=case.max_tasks))
+        used(torch.from_numpy(J @ J.T), bucket=data.draw(st.integers(0, 3)), step=data.draw(st.integers(0, 3)))
+    J = data.draw(jacobians(max_tasks=case.max_tasks))
+    G = torch.from_numpy(J @ J.T)
+    assert torch.equal(used(G, bucket=1, step=5), fresh(G, bucket=1, step=5))
+    assert used.state_dict() == {"buckets": {}}
+
+
+# The test of each declaration; a new declaration needs one.
+DECLARATION_TESTS = {
+    "conflict_free": [test_no_conflict, test_no_conflict_with_norms_spread_over_six_orders],
+    "scale_invariant": [test_scale_invariance_of_the_direction_shape],
+    "permutation_equivariant": [test_permutation_equivariance],
+    "stateful": [test_stateless_solvers_keep_no_state],
+}
+
+
+def test_every_declaration_has_a_property_test_and_every_registered_solver_is_exercised():
+    assert set(DECLARATION_TESTS) == set(DECLARATIONS)
+    assert {type(case.make()) for case in CASES.values()} >= {solver_class(name) for name in solver_names()}
+
+
+def test_declarations_that_depend_on_the_arguments():
+    assert CAGrad.conflict_free is False and CAGrad().conflict_free is False and CAGrad(c=1.0).conflict_free
+    assert MGDA().scale_invariant and not MGDA("l2").scale_invariant
+    assert NashMTL().conflict_free and not NashMTL(update_weights_every=2).conflict_free
+    for cls in (UPGrad, DualProj):
+        assert cls().permutation_equivariant and not cls(pref=[1.0, 2.0]).permutation_equivariant
+        assert "permutation_equivariant" not in repr(cls(pref=[1.0, 2.0]))
 
 
 @given(J=jacobians())

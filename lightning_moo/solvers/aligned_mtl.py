@@ -18,7 +18,15 @@ class AlignedMTL(MOOSolver):
     Args:
         scale: ``"min"`` (paper default, σ = the smallest non-zero singular value),
             ``"median"`` or ``"rmse"`` (root mean of the non-zero eigenvalues).
+
+    Declarations: scale-invariant (``σ`` scales as ``Λ^{1/2}``); permutation-equivariant;
+    stateless. Not conflict-free: ``G w = σ V Λ^{1/2} Vᵀ 1`` can have negative entries.
     """
+
+    name = "alignedmtl"
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def __init__(self, scale: Literal["min", "median", "rmse"] = "min") -> None:
         super().__init__()

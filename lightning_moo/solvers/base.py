@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -25,7 +25,34 @@ class MOOSolver(ABC):
 
     Stateful solvers keep what they need between steps in :meth:`bucket_state`, a dict per bucket
     id; :meth:`state_dict` / :meth:`load_state_dict` carry it through checkpoints.
+
+    **Declarations.** Class attributes say what a solver guarantees; the defaults here claim
+    nothing (and ``stateful = True``, the safe assumption). The class attribute is what the default
+    configuration ``cls()`` guarantees; a constructor whose arguments change that sets the instance
+    attribute (e.g. ``CAGrad(c=1.0).conflict_free`` is True, ``CAGrad.conflict_free`` is False), so
+    ask an instance when you have one. ``tests/test_solver_properties.py`` checks every declared
+    guarantee of every built-in solver on random and degenerate Gram matrices.
+
+    - ``conflict_free``: the direction conflicts with no task: ``<g_t, d> ≥ 0`` for every t, i.e.
+      ``G @ w ≥ 0`` (to rounding).
+    - ``scale_invariant``: ``weights(c·G) = weights(G)`` for every ``c > 0`` (the same direction
+      ``Jᵀw``, to rounding): scaling every gradient by ``a > 0`` scales ``d`` by ``a``.
+    - ``permutation_equivariant``: permuting the tasks permutes the weights:
+      ``weights(P G Pᵀ) = P weights(G)`` (the same direction).
+    - ``stateful``: the weights may depend on earlier steps, through state kept in
+      :meth:`bucket_state` (carried by :meth:`state_dict`); when False the weights are a function of
+      the Gram matrix and ``(bucket, step)`` alone and ``state_dict()`` stays empty.
+
+    ``name`` is the short, case-insensitive name the registry
+    (:mod:`lightning_moo.solvers.registry`) lists a registered class under (default: the class
+    name in lower case).
     """
+
+    name: ClassVar[str | None] = None
+    conflict_free: bool = False
+    scale_invariant: bool = False
+    permutation_equivariant: bool = False
+    stateful: bool = True
 
     def __init__(self) -> None:
         self._states: dict[Hashable, dict[str, Any]] = {}
@@ -67,9 +94,18 @@ class MOOSolver(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._states = {k: dict(v) for k, v in state["buckets"].items()}
 
+    def declarations(self) -> dict[str, bool]:
+        """What this solver, as configured, declares: ``{"conflict_free": ..., ...}``."""
+        return {key: bool(getattr(self, key)) for key in DECLARATIONS}
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in ("bucket", "step"))
+        hidden = ("bucket", "step", *DECLARATIONS)
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in hidden)
         return f"{type(self).__name__}({args})"
+
+
+#: The declarations every solver class carries (class attributes of :class:`MOOSolver`).
+DECLARATIONS = ("conflict_free", "scale_invariant", "permutation_equivariant", "stateful")
 
 
 def check_gram(gram: Tensor) -> Tensor:

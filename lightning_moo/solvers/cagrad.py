@@ -34,7 +34,18 @@ class CAGrad(MOOSolver):
     comes from cancelling long gradients (the Gram holds its square to 1e-16 of theirs); a
     minimiser shorter than 1e-6 of the longest gradient, or whose squared norm is within 1e4
     rounding errors of the Gram entries it is computed from, counts as zero.
+
+    Declarations: conflict-free only for ``c ≥ 1`` (the ball ``‖d − g0‖ ≤ c‖g0‖`` then contains
+    ``d = 0``, so the optimal ``min_t ⟨g_t, d⟩`` is ≥ 0; for ``c < 1``, the paper's 0.5 included, a
+    task can conflict with ``d``, as with the mean at ``c = 0``); scale-invariant;
+    permutation-equivariant; stateless.
     """
+
+    name = "cagrad"
+    conflict_free = False  # the default c = 0.5; CAGrad(c ≥ 1) sets it on the instance
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def __init__(self, c: float = 0.5, rescale: int = 1) -> None:
         super().__init__()
@@ -44,6 +55,7 @@ class CAGrad(MOOSolver):
             raise ValueError(f"CAGrad rescale must be 0, 1 or 2, got {rescale}")
         self.c = c
         self.rescale = rescale
+        self.conflict_free = c >= 1
 
     def weights(self, gram: Tensor) -> Tensor:
         G = gram.numpy() / scale_of(gram.numpy())

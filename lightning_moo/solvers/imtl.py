@@ -18,7 +18,16 @@ class IMTLG(MOOSolver):
     are linearly dependent so that no direction has equal non-zero projections (``n`` outside the
     range of ``G``, e.g. exactly opposed gradients) or ``1ᵀG⁺n = 0``, the weights are zero: no
     update.
+
+    Declarations: scale-invariant; permutation-equivariant; stateless. Not conflict-free: the
+    common projection ``λ = 1/1ᵀG⁺n`` is negative when ``1ᵀG⁺n < 0``, and then ``d`` conflicts with
+    every task.
     """
+
+    name = "imtlg"
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def weights(self, gram: Tensor) -> Tensor:
         G = gram / gram.diagonal().max()

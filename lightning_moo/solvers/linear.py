@@ -9,14 +9,27 @@ from .base import MOOSolver
 
 
 class Mean(MOOSolver):
-    """Average of the task gradients: exactly what stock data parallelism applies."""
+    """Average of the task gradients: exactly what stock data parallelism applies.
+
+    Declarations: scale-invariant, permutation-equivariant, stateless; not conflict-free (a long
+    gradient can outweigh a short opposing one)."""
+
+    name = "mean"
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def weights(self, gram: Tensor) -> Tensor:
         return self.neutral_weights(gram.shape[0])
 
 
 class Sum(MOOSolver):
-    """Sum of the task gradients."""
+    """Sum of the task gradients. Declarations: as :class:`Mean`."""
+
+    name = "sum"
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def neutral_weights(self, num_tasks: int) -> Tensor:
         return torch.ones(num_tasks, dtype=torch.float64)

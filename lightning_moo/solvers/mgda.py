@@ -26,13 +26,25 @@ class MGDA(MOOSolver):
     Degenerate cases: a zero gradient lies in the hull, so ``d = 0`` (all weight on it); identical
     gradients give any point of the simplex (the direction is the same); the weights are one
     optimal solution when several exist, while ``d`` is always unique.
+
+    Declarations: conflict-free (``⟨g_t, d⟩ ≥ ‖d‖²``, with either normalization); scale-invariant
+    for ``"none"`` only (``"l2"`` weights scale as ``1/‖g_t‖``: ``d`` is then unchanged by
+    scaling, not scaled); permutation-equivariant; stateless.
     """
+
+    name = "mgda"
+    conflict_free = True
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def __init__(self, normalization: Literal["none", "l2"] = "none") -> None:
         super().__init__()
         if normalization not in ("none", "l2"):
             raise ValueError(f"MGDA normalization must be 'none' or 'l2', got {normalization!r}")
         self.normalization = normalization
+        if normalization == "l2":
+            self.scale_invariant = False
 
     def weights(self, gram: Tensor) -> Tensor:
         if self.normalization == "none":

@@ -23,16 +23,30 @@ class NashMTL(MOOSolver):
     gradient, or gradients that cancel: Pareto stationarity, nothing improves every task); the
     weights are then zero, i.e. no update.
 
+    Declarations: conflict-free (``(Gα)_t = 1/α_t > 0``: every task improves; zero weights at
+    stationarity); scale-invariant (the Gram is normalised); permutation-equivariant; stateful
+    (the last weights per bucket, reused by ``update_weights_every``). With
+    ``update_weights_every > 1`` a step may reuse the weights of an earlier Gram, so the instance
+    declares none of the three guarantees.
+
     Args:
         update_weights_every: recompute the weights every k steps per bucket, reusing them in
             between (paper's speed-up; default 1 = every step).
     """
+
+    name = "nashmtl"
+    conflict_free = True
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = True
 
     def __init__(self, update_weights_every: int = 1) -> None:
         super().__init__()
         if update_weights_every < 1:
             raise ValueError("NashMTL update_weights_every must be ≥ 1")
         self.update_weights_every = update_weights_every
+        if update_weights_every > 1:
+            self.conflict_free = self.scale_invariant = self.permutation_equivariant = False
 
     def weights(self, gram: Tensor) -> Tensor:
         state = self.bucket_state()

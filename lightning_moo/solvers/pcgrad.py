@@ -21,10 +21,22 @@ class PCGrad(MOOSolver):
     matrix is needed. The random orders come from ``(seed, step, bucket)`` alone, so every rank
     draws the same orders for the same step and bucket, and a resumed run draws the same ones.
 
+    Declarations: scale-invariant (projection coefficients do not change with the scale);
+    stateless (the orders are a function of seed, step and bucket, so a resumed run redraws the
+    same ones). Not conflict-free and not permutation-equivariant beyond two tasks: with T ≥ 3
+    the projected gradients depend on the random order, and the sum of projections can still
+    conflict with a task (for T = 2 both hold; the property tests check that case separately).
+
     Args:
         seed: base seed of the orders.
         reduction: ``"sum"`` (paper) or ``"mean"``.
     """
+
+    name = "pcgrad"
+    conflict_free = False
+    scale_invariant = True
+    permutation_equivariant = False
+    stateful = False
 
     def __init__(self, seed: int = 0, reduction: Literal["sum", "mean"] = "sum") -> None:
         super().__init__()

@@ -22,11 +22,22 @@ def project_onto_dual_cone(G: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 class UPGrad(MOOSolver):
     """Unconflicting Projection of Gradients: project every gradient onto the dual cone and
-    average the projections (``pref`` weights them; default uniform ``1/T``)."""
+    average the projections (``pref`` weights them; default uniform ``1/T``).
+
+    Declarations: conflict-free (a non-negative combination of points of the dual cone is in
+    it); scale-invariant; permutation-equivariant without ``pref`` (a ``pref`` is tied to task
+    positions); stateless."""
+
+    name = "upgrad"
+    conflict_free = True
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def __init__(self, pref: list[float] | None = None) -> None:
         super().__init__()
         self.pref = pref
+        self.permutation_equivariant = pref is None
 
     def weights(self, gram: Tensor) -> Tensor:
         G = gram.numpy()
@@ -37,11 +48,21 @@ class UPGrad(MOOSolver):
 
 
 class DualProj(MOOSolver):
-    """Project the (``pref``-weighted, default mean) combination onto the dual cone."""
+    """Project the (``pref``-weighted, default mean) combination onto the dual cone.
+
+    Declarations: as :class:`UPGrad` (conflict-free, scale-invariant, permutation-equivariant
+    without ``pref``, stateless)."""
+
+    name = "dualproj"
+    conflict_free = True
+    scale_invariant = True
+    permutation_equivariant = True
+    stateful = False
 
     def __init__(self, pref: list[float] | None = None) -> None:
         super().__init__()
         self.pref = pref
+        self.permutation_equivariant = pref is None
 
     def weights(self, gram: Tensor) -> Tensor:
         G = gram.numpy()
