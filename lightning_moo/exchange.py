@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .buckets import Segment, even_segments
 from .gram import combine, gram
+from .layout import LanguageLayout
 
 Solve = Callable[[Tensor], Tensor]
 
@@ -38,28 +39,15 @@ class Exchange(ABC):
     ``pieces`` are ``(start, end)`` element ranges that tile the bucket (its parameters): one T×T Gram
     is returned per piece, and the solver sees their sum, the bucket's Gram.
 
-    Language groups: with ``ranks_per_language = k`` the N = k·T ranks hold k gradients per language
-    (rank r trains language r // k). The Grams are those of the T language means, ``A G_N Aᵀ`` with
-    ``A`` the averaging matrix, and rank r's gradient enters the combination with weight ``w_t / k``:
-    the same messages as with one rank per language, and ``Mean`` stays the plain average over N.
+    ``layout`` (:class:`~lightning_moo.layout.LanguageLayout`) says which language each gathered row
+    is: with k ranks per language the Grams are those of the T language means and rank r's gradient
+    enters with weight ``w_t / k`` (the same messages as one rank per language); with m languages
+    per rank, ``others`` holds the rank's first m - 1 languages' rows.
     """
 
-    ranks_per_language: int = 1
-
-    def language_grams(self, grams: Tensor) -> Tensor:
-        """``[..., R, R]`` Grams of the gathered gradients -> ``[..., T, T]`` Grams of the language means."""
-        k = self.ranks_per_language
-        if k == 1:
-            return grams
-        *lead, n, _ = grams.shape
-        t = n // k
-        return grams.reshape(*lead, t, k, t, k).sum((-3, -1)) / (k * k)
-
-    def row_weights(self, w: Tensor) -> Tensor:
-        """The solver's T language weights as weights of the R gathered gradients: ``w_t / k`` for each
-        of language t's k ranks."""
-        k = self.ranks_per_language
-        return w if k == 1 else w.repeat_interleave(k) / k
+    # Whether ``reduce`` writes the combination into every element of the bucket, not only the
+    # elements this rank owns (an engine whose ranks all need the whole bucket then gathers nothing).
+    fills_every_element: bool = False
 
     @abstractmethod
     def reduce(
@@ -68,6 +56,7 @@ class Exchange(ABC):
         segments: Sequence[Segment],
         pieces: Sequence[tuple[int, int]],
         solve: Solve,
+        layout: LanguageLayout,
         group=None,
         others: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -75,10 +64,10 @@ class Exchange(ABC):
         ``(G_pieces [P, T, T], w)``. ``others`` ([m - 1, n]): the gradients of this rank's other
         languages when it trains m, which come before ``tensor``'s language."""
 
-    def gram(self, tensor: Tensor, group=None) -> Tensor:
+    def gram(self, tensor: Tensor, layout: LanguageLayout, group=None) -> Tensor:
         """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
         mine = _gather_slices(tensor.view(1, -1), even_segments(tensor.numel(), dist.get_world_size(group)), group)
-        partial = self.language_grams(gram(mine))
+        partial = layout.language_grams(gram(mine))
         dist.all_reduce(partial, group=group)
         return partial
 
@@ -86,12 +75,15 @@ class Exchange(ABC):
 class AllGatherExchange(Exchange):
     """Every rank gathers the whole bucket from every language and solves on its own."""
 
+    fills_every_element = True
+
     def reduce(
         self,
         tensor: Tensor,
         segments: Sequence[Segment],
         pieces: Sequence[tuple[int, int]],
         solve: Solve,
+        layout: LanguageLayout,
         group=None,
         others: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -101,9 +93,9 @@ class AllGatherExchange(Exchange):
         flat = tensor.new_empty(world * rows.numel())
         dist.all_gather_into_tensor(flat, rows.reshape(-1), group=group)
         grads = flat.view(world * rows.shape[0], tensor.numel())
-        piece_grams = self.language_grams(_piece_grams(grads, 0, pieces))
+        piece_grams = layout.language_grams(_piece_grams(grads, 0, pieces))
         w = solve(piece_grams.sum(0))
-        combine(self.row_weights(w), grads, out=tensor)
+        combine(layout.row_weights(w), grads, out=tensor)
         return piece_grams, w
 
 
@@ -121,6 +113,7 @@ class ShardedExchange(Exchange):
         segments: Sequence[Segment],
         pieces: Sequence[tuple[int, int]],
         solve: Solve,
+        layout: LanguageLayout,
         group=None,
         others: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -137,10 +130,10 @@ class ShardedExchange(Exchange):
         scratch, combined = work[:scratch_len], work[scratch_len:]
         mine = _gather_slices(rows, slices, group, out=scratch[: gathered * m].view(gathered, m))
         # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
-        piece_grams = self.language_grams(_piece_grams(mine, slices[rank].start, pieces))
+        piece_grams = layout.language_grams(_piece_grams(mine, slices[rank].start, pieces))
         dist.all_reduce(piece_grams, group=group)
         w = solve(piece_grams.sum(0))
-        combine(self.row_weights(w), mine, out=combined)
+        combine(layout.row_weights(w), mine, out=combined)
         _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
         return piece_grams, w
 

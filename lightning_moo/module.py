@@ -1,6 +1,7 @@
-"""MultilingualLM: supervised fine-tuning of a Hugging Face causal LM, one language per rank.
+"""MultilingualLM: supervised fine-tuning of a Hugging Face causal LM on several languages.
 
-Every rank computes the loss of its own language's batch; the strategy (e.g. ``BucketMOOStrategy``)
+Every rank computes the loss of its language's batch (or of each of its languages' batches, with
+several languages per rank); the strategy (e.g. ``BucketMOOStrategy``)
 combines the languages' gradients. Evaluation reports, per language and averaged over seen and
 unseen languages, bits per byte (comparable across scripts, unlike per-token loss) and, for
 label-style tasks, accuracy from the model's likelihood of each label.
@@ -39,7 +40,7 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class MultilingualLM(LightningModule):
-    """A causal LM fine-tuned on one language per rank, with manual optimization.
+    """A causal LM fine-tuned on several languages (one objective each), with manual optimization.
 
     Args:
         pretrained: hub name, local directory, ``.gguf`` file, or ``pkg:<package>/<file>`` (a file
@@ -162,15 +163,16 @@ class MultilingualLM(LightningModule):
         return nll.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
     def _log_train_losses(self, losses: Tensor) -> None:
-        # Every rank holds its languages' losses: gather them so each is logged under its language
-        # (rank r's m languages are r·m … r·m + m - 1; a language's k ranks are averaged).
+        # Every rank holds its languages' losses: gather them so that each is logged under its
+        # language (a language trained on k ranks: their mean).
         gathered = self.all_gather(losses).reshape(-1)
-        train = list(getattr(self.trainer.datamodule, "train_languages", []))
-        if train and len(gathered) % len(train) == 0:
-            per_language = gathered.reshape(len(train), -1).mean(1)
+        layout = getattr(self.trainer.datamodule, "layout", None) or getattr(self.trainer.strategy, "layout", None)
+        if layout is not None and layout.rows == len(gathered):
+            names = list(layout.names)
+            per_language = torch.stack([gathered[list(layout.rows_of(t))].mean() for t in range(layout.num_languages)])
         else:
-            train, per_language = [f"rank{r}" for r in range(len(gathered))], gathered
-        by_language = dict(zip(train, per_language))
+            names, per_language = [f"rank{r}" for r in range(len(gathered))], gathered
+        by_language = dict(zip(names, per_language))
         values = {f"train/loss_{language}": value for language, value in by_language.items()}
         values["train/loss"] = per_language.mean()
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)

@@ -11,7 +11,10 @@ from torch import Tensor
 
 from ..buckets import BucketInfo, ParamRange
 from ..exchange import make_exchange
-from ..solvers import MGDA, Mean, MOOSolver, Sum
+from ..layout import LanguageLayout
+from ..reducer import BucketReducer
+from ..solvers import Mean, MOOSolver, Sum, resolve_solver
+from .. import _compat
 from .deepspeed import StockDeepSpeedStrategy
 from .solver_state import SolverStateInCheckpoints
 from .zero_hook import ZeroBucketHook
@@ -32,20 +35,20 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
     DeepSpeed's.
 
     Args:
-        solver: any :class:`~lightning_moo.solvers.MOOSolver` (in YAML: ``class_path`` + ``init_args``);
-            default MGDA. ``Mean`` reproduces stock DeepSpeed.
+        solver: any :class:`~lightning_moo.solvers.MOOSolver` (in YAML: a registered name such as
+            ``mgda``, or ``class_path`` + ``init_args``); default MGDA. ``Mean`` reproduces stock DeepSpeed.
         exchange: ``"sharded"`` (stock communication volume, one extra bucket of memory) or
             ``"allgather"`` (every rank gathers every language's bucket; the reference).
         mode: ``"bucket"`` (per ZeRO bucket); ``"global"`` (the whole model is one bucket: the
             global-MOO baseline); ``"global_two_pass"`` (the same global weights from the Gram of a
             first backward, then DeepSpeed's stock reduction of ``sum_t w_t L_t``).
-        languages: number of languages T (or their names); the world size must be a multiple k × T.
-            Ranks ``t·k … t·k + k - 1`` train language t (a language group): the solver combines the
-            T language means, and exchange volume and memory stay those of one rank per language.
-            With more languages than ranks (T = m × world size, down to one process), rank r trains
-            languages ``r·m … r·m + m - 1``: the module calls ``stash_gradient(loss)`` for the first m - 1
-            and backpropagates the last; the buckets and the solver are those of a T-rank run.
-            Default: one language per rank.
+        languages: number of languages T (or their names); default one per rank. The world size N
+            and T make a :class:`~lightning_moo.layout.LanguageLayout`: N = T (one language per rank),
+            N = k × T (ranks ``t·k … t·k + k - 1`` train language t: the solver combines the T
+            language means, and exchange volume and memory stay those of one rank per language), or
+            T = m × N down to one process (rank r trains languages ``r·m … r·m + m - 1``: the module
+            calls ``stash_gradient(loss)`` for the first m - 1 and backpropagates the last; the buckets
+            and the solver are those of a T-rank run).
         stash_device: where the m - 1 stashed gradients of a rank with several languages live;
             default the model's device (m - 1 extra gradient copies there). ``"cpu"`` keeps them in
             host memory and moves one bucket's worth at a time to the device: device memory then
@@ -65,14 +68,14 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         super().__init__(**kwargs)
         if mode not in ("bucket", "global", "global_two_pass"):
             raise ValueError(f"mode must be 'bucket', 'global' or 'global_two_pass', got {mode!r}")
-        self.solver = solver if solver is not None else MGDA()
+        self.solver = resolve_solver(solver)
         self.exchange = make_exchange(exchange)
         self.mode = mode
         self.languages = languages
         self.stash_device = stash_device
+        self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[ZeroBucketHook] = None
         self.global_info: Optional[BucketInfo] = None
-        self.languages_per_rank = 1
 
     @property
     def buckets(self) -> dict[int, BucketInfo]:
@@ -82,34 +85,15 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         return self.hook.buckets if self.hook is not None else {}
 
     @property
-    def num_languages(self) -> int:
-        if self.languages is None:
-            return self.world_size
-        return self.languages if isinstance(self.languages, int) else len(self.languages)
-
-    @property
     def language(self) -> int:
-        """The (first) language this rank trains: ranks ``t·k … t·k + k - 1`` form language t's
-        group; with m languages per rank, rank r trains ``r·m … r·m + m - 1``."""
-        return self.global_rank * self.languages_per_rank // self.exchange.ranks_per_language
+        """The (first) language this rank trains."""
+        assert self.layout is not None, "the layout is known from setup_distributed on"
+        return self.layout.languages_of(self.global_rank)[0]
 
     def setup_distributed(self) -> None:
+        _compat.require_internals()
         self.set_world_ranks()
-        languages, world = self.num_languages, self.world_size
-        if languages >= world and languages % world:
-            raise MisconfigurationException(
-                f"BucketMOOStrategy trains the same number of languages on every rank: {languages} languages "
-                f"do not split over world size {world} (devices × num_nodes). Use a world size that divides "
-                f"{languages} (e.g. 1 or {languages}), or train a multiple of {world} languages."
-            )
-        if languages < world and world % languages:
-            raise MisconfigurationException(
-                f"BucketMOOStrategy trains each language on k ranks: world size {world} (devices × num_nodes) "
-                f"is not a multiple of {languages} languages. Use k × {languages} devices (e.g. {languages} or "
-                f"{2 * languages}), or train {world} languages."
-            )
-        self.exchange.ranks_per_language = max(world // languages, 1)
-        self.languages_per_rank = max(languages // world, 1)
+        self.layout = LanguageLayout.build(self.languages, self.world_size)
         super().setup_distributed()
 
     def stash_gradient(self, loss: Tensor) -> None:
@@ -119,16 +103,16 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         buckets DeepSpeed then reduces carry the last language's gradient, and the hook adds the
         stashed ones as the rank's other languages. Costs m - 1 gradient copies of the model.
         """
-        if self.languages_per_rank == 1 or self.hook is None:
+        if self.layout.languages_per_rank == 1 or self.hook is None:
             raise RuntimeError(
                 "stash_gradient is for several languages per rank (more languages than ranks) in mode='bucket' "
                 "or 'global'; "
                 "with one language per rank call manual_backward(loss)"
             )
-        named = [(n, p) for n, p in self.deepspeed_engine.module.named_parameters() if p.requires_grad]
-        grads = self._invisible_grad(loss, [p for _, p in named], retain_graph=False)
+        params = [p for p in self.deepspeed_engine.module.parameters() if p.requires_grad]
+        grads = self._invisible_grad(loss, params, retain_graph=False)
         device = self.stash_device
-        self.hook.stash.append({id(p): g if device is None else g.to(device) for (_, p), g in zip(named, grads)})
+        self.hook.stash.append({id(p): g if device is None else g.to(device) for p, g in zip(params, grads)})
 
     def init_deepspeed(self) -> None:
         self._check_config()
@@ -145,9 +129,12 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         if self.mode != "global_two_pass":
             optimizer = self.deepspeed_engine.optimizer
             names = {id(p): n for n, p in self.deepspeed_engine.module.named_parameters()}
-            self.hook = ZeroBucketHook(optimizer, self.solver, self.exchange, names)
-            self.hook.languages_per_rank = self.languages_per_rank
-            optimizer.average_tensor = self.hook
+            # fp16 with dynamic loss scaling: DeepSpeed must see an overflow, skip the step and lower
+            # the scale, exactly as it would for an averaged gradient.
+            reducer = BucketReducer(self.solver, self.exchange, self.layout, "ZeRO", optimizer.dynamic_loss_scale,
+                                    optimizer.dp_process_group)
+            self.hook = ZeroBucketHook(optimizer, reducer, names)
+            _compat.install_bucket_reduction(optimizer, self.hook)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
@@ -159,7 +146,7 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
             w = self._global_weights(closure_loss)
             # DeepSpeed averages over the N = k·T ranks: scaling by N·w_t/k makes the average
             # sum_t w_t (mean gradient of language t).
-            scale = self.world_size * w[self.language] / self.exchange.ranks_per_language
+            scale = self.world_size * w[self.language] / self.layout.ranks_per_language
             closure_loss = closure_loss * scale.to(closure_loss.dtype)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
@@ -173,12 +160,13 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         named = [(n, p) for n, p in self.deepspeed_engine.module.named_parameters() if p.requires_grad]
         grads = self._invisible_grad(loss, [p for _, p in named], retain_graph=True)
         limit = int(self.config["zero_optimization"].get("reduce_bucket_size", 500_000_000))
-        g = torch.zeros(self.num_languages, self.num_languages, dtype=torch.float64, device=loss.device)
+        T = self.layout.num_languages
+        g = torch.zeros(T, T, dtype=torch.float64, device=loss.device)
         chunk: list[Tensor] = []
         size = 0
         for grad in grads + [None]:
             if chunk and (grad is None or size + grad.numel() > limit):
-                g += self.exchange.gram(torch.cat([c.reshape(-1) for c in chunk]))
+                g += self.exchange.gram(torch.cat([c.reshape(-1) for c in chunk]), self.layout)
                 chunk, size = [], 0
             if grad is not None:
                 chunk.append(grad)
@@ -194,15 +182,8 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
 
     def _invisible_grad(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
         """``torch.autograd.grad`` that DeepSpeed does not see: no reduction, no .grad written."""
-        engine = self.deepspeed_engine
-        # DeepSpeed hooks the forward outputs: any backward through them starts its backward
-        # prologue and queues the gradient reduction. Shadow the prologue so that this pass stays
-        # invisible (its parameter hooks only fire on .grad accumulation, which autograd.grad skips).
-        engine._backward_prologue = lambda: None
-        try:
+        with _compat.invisible_to_engine(self.deepspeed_engine):
             grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        finally:
-            del engine._backward_prologue
         return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
     def _check_config(self) -> None:
@@ -221,9 +202,10 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
                 "reduces gradients through buffered_reduce_fallback, bypassing the per-bucket solver."
             )
         accumulation = int(self.config.get("gradient_accumulation_steps", 1))
-        if self.languages_per_rank > 1 and (self.mode == "global_two_pass" or accumulation > 1):
+        m = self.layout.languages_per_rank
+        if m > 1 and (self.mode == "global_two_pass" or accumulation > 1):
             raise MisconfigurationException(
-                f"{self.languages_per_rank} languages per rank work in mode='bucket' or 'global' without gradient "
+                f"{m} languages per rank work in mode='bucket' or 'global' without gradient "
                 f"accumulation (got mode={self.mode!r}, accumulate_grad_batches={accumulation}); use as many "
                 "ranks as languages for global_two_pass (mode='global' computes the same weights)"
             )

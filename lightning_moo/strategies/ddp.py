@@ -12,9 +12,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from ..buckets import BucketInfo, ParamRange, Segment, even_segments, raise_non_finite
-from ..exchange import AllGatherExchange, Exchange, make_exchange
-from ..solvers import MGDA, MOOSolver
+from ..buckets import Bucket, BucketInfo, ParamRange, Segment, even_segments
+from ..exchange import make_exchange
+from ..layout import LanguageLayout
+from ..reducer import BucketReducer
+from ..solvers import MOOSolver, resolve_solver
+from .. import _compat
 from .solver_state import SolverStateInCheckpoints
 
 # DDPStrategy arguments that would replace our comm hook or average outside it.
@@ -22,66 +25,37 @@ _CONFLICTING = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_av
 
 
 class DDPBucketHook:
-    """The state of the comm hook: solves every ``GradBucket`` DDP hands to the reduction.
+    """The state of the comm hook: describes each ``GradBucket`` DDP reduces and lets the reducer
+    combine it.
 
     ``bucket.buffer()`` is this rank's flat, unreduced gradient of ``bucket.parameters()`` (laid out
     one after another); DDP copies the tensor the hook's future holds into the parameters' ``.grad``.
-    Every rank needs the whole combined bucket, unlike ZeRO where a rank keeps only its partition.
+    Every rank needs the whole combined bucket, unlike ZeRO where a rank keeps only its partition:
+    rank r combines the r-th even slice (the sharded exchange's own split, so nothing moves in its
+    second all-to-all) and the slices are then gathered on every rank.
     """
 
-    def __init__(self, solver: MOOSolver, exchange: Exchange, names: dict[int, str], loss_scaling: bool) -> None:
-        self.solver = solver
-        self.exchange = exchange
-        self.names = names
-        # fp16 with a GradScaler: an overflow must reach the scaler, which skips the step.
-        self.loss_scaling = loss_scaling
-        self.buckets: dict[int, BucketInfo] = {}
-        self.step = -1
-        self._skipped = False  # this step overflowed: the scaler skips it, monitoring must not see NaN Grams
+    def __init__(self, reducer: BucketReducer, names: dict[int, str]) -> None:
+        self.reducer, self.names = reducer, names
+
+    @property
+    def buckets(self):
+        return self.reducer.buckets
 
     def start_step(self, step: int) -> None:
-        """Forget the previous step's buckets: DDP rebuilds its buckets after the first step, so
-        indices need not mean the same parameters from one step to the next."""
-        if step != self.step:
-            self.step, self.buckets, self._skipped = step, {}, False
+        self.reducer.start_step(step)
 
     def reduce(self, bucket: dist.GradBucket) -> Tensor:
-        tensor = bucket.buffer()
-        index = bucket.index()
+        tensor, index = bucket.buffer(), bucket.index()
         params, offset = [], 0
         for param in bucket.parameters():
             params.append(ParamRange(self.names.get(id(param), f"<unnamed param {index}.{len(params)}>"), offset, offset + param.numel()))
             offset += param.numel()
-        # Rank r combines the r-th even slice (the sharded exchange's own split, so nothing moves
-        # in its second all-to-all); the slices are then gathered on every rank.
         slices = even_segments(tensor.numel(), dist.get_world_size())
-
-        def solve(g: Tensor) -> Tensor:
-            if not bool(torch.isfinite(g).all()):
-                return self._non_finite(index, params, tensor, g)
-            return self.solver(g, bucket=index, step=self.step)
-
-        piece_grams, w = self.exchange.reduce(tensor, slices, [(p.start, p.end) for p in params], solve)
-        if not isinstance(self.exchange, AllGatherExchange):  # the all-gather exchange combines every element itself
+        self.reducer.reduce(tensor, Bucket(index, tuple(params), tuple(slices)))
+        if not self.reducer.exchange.fills_every_element:
             _gather_slices(tensor, slices)
-        if self._skipped:
-            self.buckets = {}
-            return tensor
-        piece_grams = piece_grams.cpu()
-        self.buckets[index] = BucketInfo(
-            index, tuple(params), tensor.numel(), piece_grams.sum(0), w.detach().to("cpu", torch.float64), self.step, piece_grams
-        )
         return tensor
-
-    def _non_finite(self, index: int, params: list[ParamRange], tensor: Tensor, g: Tensor) -> Tensor:
-        if self.loss_scaling:
-            # NaN weights make the combined bucket NaN: the GradScaler finds it, skips the step and
-            # lowers the scale, as it would after stock averaging.
-            self._skipped = True
-            return torch.full((g.shape[0],), float("nan"), dtype=g.dtype, device=g.device)
-        # ``tensor`` still holds this rank's own gradient: exchanges solve before they combine.
-        bad_here = [not bool(torch.isfinite(tensor[p.start : p.end]).all()) for p in params]
-        raise_non_finite("DDP", index, self.step, params, bad_here, tensor.device)
 
 
 def _moo_comm_hook(state: DDPBucketHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -150,9 +124,10 @@ class BucketMOODDPStrategy(SolverStateInCheckpoints, DDPStrategy):
                 "replace that hook or average gradients outside it. Remove them."
             )
         super().__init__(**kwargs)
-        self.solver = solver if solver is not None else MGDA()
+        self.solver = resolve_solver(solver)
         self.exchange = make_exchange(exchange)
         self.languages = languages
+        self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[DDPBucketHook] = None
 
     @property
@@ -161,22 +136,27 @@ class BucketMOODDPStrategy(SolverStateInCheckpoints, DDPStrategy):
         return self.hook.buckets if self.hook is not None else {}
 
     def setup_distributed(self) -> None:
+        _compat.require_internals()
         self.set_world_ranks()
-        expected = self.languages if isinstance(self.languages, int) else None if self.languages is None else len(self.languages)
-        if expected is not None and expected != self.world_size:
+        count = self.world_size if self.languages is None else self.languages if isinstance(self.languages, int) else len(self.languages)
+        if count != self.world_size:
             raise MisconfigurationException(
-                f"BucketMOODDPStrategy trains one language per rank: {expected} languages need world size "
-                f"{expected}, got {self.world_size} (devices × num_nodes). Set devices × num_nodes to "
-                f"{expected} or train {self.world_size} languages."
+                f"BucketMOODDPStrategy trains one language per rank: {count} languages need world size "
+                f"{count}, got {self.world_size} (devices × num_nodes). Set devices × num_nodes to "
+                f"{count} or train {self.world_size} languages (or use BucketMOOStrategy, which also runs "
+                "language groups and several languages per rank)."
             )
+        self.layout = LanguageLayout.build(self.languages, self.world_size)
         super().setup_distributed()
 
     def _register_ddp_hooks(self) -> None:
         # Lightning registers comm hooks on CUDA only; DDP runs them on gloo as well.
-        assert self.lightning_module is not None and self.model is not None
+        assert self.lightning_module is not None and self.model is not None and self.layout is not None
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         scaler = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
-        self.hook = DDPBucketHook(self.solver, self.exchange, names, loss_scaling=scaler)
+        # fp16 with a GradScaler: an overflow must reach the scaler, which skips the step.
+        reducer = BucketReducer(self.solver, self.exchange, self.layout, "DDP", loss_scaling=scaler)
+        self.hook = DDPBucketHook(reducer, names)
         self.model.register_comm_hook(self.hook, _moo_comm_hook)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -8,6 +8,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.nn import Module
 
+from .. import _compat
+
 
 class StockDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeed ZeRO with stock gradient averaging, usable on CPU for tests, demos and baselines.
@@ -34,12 +36,7 @@ class StockDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _init_deepspeed_distributed(self) -> None:
         if self.root_device.type == "cpu":
-            import deepspeed.ops
-
-            # DeepSpeed's CPU backend compiles a shared-memory op with g++ on first start (about a
-            # minute); only inference_all_reduce uses it, training's collectives go through
-            # torch.distributed. Marking it incompatible skips the build.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            _compat.skip_shm_comm_build()
         super()._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model: Module, optimizer, lr_scheduler=None):
@@ -64,13 +61,5 @@ class StockDeepSpeedStrategy(DeepSpeedStrategy):
             return
         # validate/test/predict: Lightning passes device_rank=root_device.index, None on CPU. Keep its
         # inference config and only supply the rank, for the duration of this one call.
-        import deepspeed
-
-        initialize = deepspeed.initialize
-        deepspeed.initialize = lambda args=None, **kwargs: initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), **kwargs
-        )
-        try:
+        with _compat.deepspeed_initialize_with_device_rank(self.local_rank):
             super()._initialize_deepspeed_inference(model)
-        finally:
-            deepspeed.initialize = initialize
