@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from datasets import Dataset
 from transformers import ByT5Tokenizer
 
-from lightning_moo.data import STAGES, DataError, EpochShuffleSampler, MultilingualDataModule
+from lightning_moo.data import STAGES, DataError, Encoder, EpochShuffleSampler, MultilingualDataModule, Row, pad
+from lightning_moo.data import FORMATS, FilePerLanguage, LanguageColumnFiles, open_source
+from lightning_moo.layout import LanguageLayout
 from tiny_lm import make_tokenizer, word
 
 CHAT_TEMPLATE = (
@@ -195,6 +197,29 @@ def test_classification_choices(tmp_path, byt5):
         assert batch["labels"][i, :n].tolist() == batch["choice_labels"][i, correct, :n].tolist()
 
 
+def test_encoder_works_without_a_datamodule(byt5):
+    encoder = Encoder(byt5, max_length=16, prompt_template="Q: {q}", response_template=" {a}")
+    assert encoder.required == {"q": "prompt_template", "a": "response_template"}
+    (example,), counts = encoder.encode([Row({"q": "2+2?", "a": "4"}, "mem", "mem row 0")])
+    assert byt5.decode(example["input_ids"]) == "Q: 2+2? 4</s>"
+    assert byt5.decode([i for i, l in zip(example["input_ids"], example["labels"]) if l != -100]) == " 4</s>"
+    assert counts == {"rows": 1, "empty": 0, "truncated": 0, "dropped": 0} and encoder.pad_id == byt5.pad_token_id
+    with pytest.raises(ValueError, match="need a tokenizer with a chat_template"):
+        Encoder(byt5, chat_template=True)
+
+
+def test_sources_and_pad_are_usable_alone(tmp_path):
+    write_jsonl(tmp_path / "deu.jsonl", [{"text": f"deu {i}"} for i in range(10)])
+    source = open_source(str(tmp_path), file_pattern="{language}.jsonl", required={"text": "text_field"})
+    assert isinstance(source, FilePerLanguage)
+    assert [r.data["text"] for r in source.rows("deu", "validation")] == ["deu 8"]
+    write_jsonl(tmp_path / "all.jsonl", [{"lang": lang, "text": "a"} for lang in ("deu", "fra")])
+    one_file = open_source(str(tmp_path / "all.jsonl"), language_column="lang")
+    assert isinstance(one_file, LanguageColumnFiles) and len(one_file.rows("fra", "train")) == 1
+    assert pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
+    assert pad([[1]], -100, width=3).tolist() == [[1, -100, -100]]
+
+
 # ----- truncation and num_bytes -----
 
 
@@ -303,6 +328,30 @@ def test_language_groups_split_each_language_between_its_ranks(tmp_path, byt5):
         assert all(t.startswith(seen[a][0]) for t in seen[a][1] + seen[b][1])
 
 
+def with_strategy_layout(trainer, languages, world):
+    trainer.strategy = SimpleNamespace(layout=LanguageLayout.build(languages, world))
+    return trainer
+
+
+def test_layout_follows_the_trainer_and_the_strategy(byt5):
+    dm = MultilingualDataModule(["deu", "fra", "rus", "jpn"], tokenizer=byt5)
+    assert dm.rank_train_languages == ["deu", "fra", "rus", "jpn"]  # no trainer: one process trains all
+    dm.trainer = fake_trainer(1, 2)
+    assert dm.layout.languages_per_rank == 2 and dm.rank_train_languages == ["rus", "jpn"]
+    dm.trainer = fake_trainer(5, 8)
+    assert dm.layout.ranks_per_language == 2 and dm.train_language == "rus"
+    # The strategy's layout is the one used, when it has one ...
+    dm.trainer = with_strategy_layout(fake_trainer(3, 4), ["deu", "fra", "rus", "jpn"], 4)
+    assert dm.layout is dm.trainer.strategy.layout and dm.train_language == "jpn"
+    # ... also when the strategy was given only a count of languages: the shape is its, the names ours.
+    dm.trainer = with_strategy_layout(fake_trainer(1, 2), 4, 2)
+    assert dm.layout.names == ("deu", "fra", "rus", "jpn") and dm.rank_train_languages == ["rus", "jpn"]
+    dm.trainer = with_strategy_layout(fake_trainer(0, 2), ["deu", "fra"], 2)
+    with pytest.raises(ValueError, match=re.escape("the strategy trains the languages (deu, fra), but "
+                                                   "data.train_languages is (deu, fra, rus, jpn)")):
+        dm.layout
+
+
 def test_epoch_shuffle_sampler_is_deterministic_and_resumable():
     sampler = EpochShuffleSampler(10, seed=3, language="deu")
     first = list(sampler)
@@ -341,6 +390,51 @@ def test_malformed_tsv_row(tmp_path, byt5):
     path = write_tsv(tmp_path / "deu.tsv", ("id", "text"), [(1, "a"), (2, "b\tc"), (3, "d")])
     with pytest.raises(DataError, match=re.escape(f"{path}:3: 3 fields, but the header has 2")):
         make(tmp_path, byt5, file_pattern="{language}.tsv").load_rows("deu", "train")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv"])
+def test_invalid_utf8_names_file_line_and_fix(tmp_path, byt5, fmt):
+    latin1 = "Grüße".encode("latin-1")
+    content = {
+        "jsonl": b'{"text": "a"}\n{"text": "' + latin1 + b'"}\n',
+        "json": b'[{"text": "a"},\n {"text": "' + latin1 + b'"}]\n',
+        "csv": b"text\na\n" + latin1 + b"\n",
+        "tsv": b"text\na\n" + latin1 + b"\n",
+    }[fmt]
+    path = tmp_path / f"deu.{fmt}"
+    path.write_bytes(content)
+    line = 3 if fmt in ("csv", "tsv") else 2
+    message = re.escape(f"{path}:{line}: not valid UTF-8 (byte 0xfc at byte ")
+    with pytest.raises(DataError, match=message + r".*re-encode the file as UTF-8: iconv -f latin1 -t utf-8"):
+        make(tmp_path, byt5, file_pattern="{language}." + fmt).load_rows("deu", "train")
+
+
+def test_utf16_file_is_named_as_such(tmp_path, byt5):
+    path = tmp_path / "deu.tsv"
+    path.write_bytes("text\nhallo\n".encode("utf-16"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: not valid UTF-8") + ".*iconv -f utf-16 -t utf-8"):
+        make(tmp_path, byt5, file_pattern="{language}.tsv").load_rows("deu", "train")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_header_without_rows(tmp_path, byt5, fmt):
+    path = tmp_path / f"deu.{fmt}"
+    path.write_text(f"id{',' if fmt == 'csv' else chr(9)}text\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}: has a header (id, text) but no rows")):
+        make(tmp_path, byt5, file_pattern="{language}." + fmt).load_rows("deu", "train")
+
+
+@pytest.mark.parametrize(
+    "fmt, content, problem",
+    [(fmt, "", "no train rows for language 'deu' (the file is empty)") for fmt in FORMATS]
+    + [("jsonl", "\n\n", "no rows, only blank lines"), ("json", "[]", "no rows (an empty JSON array)"),
+       ("csv", "\n", "no header and no rows")],
+)
+def test_files_without_rows_are_named(tmp_path, byt5, fmt, content, problem):
+    path = tmp_path / f"deu.{fmt}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}: {problem}")):
+        make(tmp_path, byt5, file_pattern="{language}." + fmt).load_rows("deu", "train")
 
 
 def test_training_language_without_rows(tmp_path, byt5):
