@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench experiments
+.PHONY: demo showcase test bench experiments
 
 $(VENV)/installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/installed: pyproject.toml
 
 demo: $(VENV)/installed
 	OMP_NUM_THREADS=1 $(VENV)/bin/lightning-moo fit --config configs/demo.yaml
+
+# Every solver on four conflicting gradients, offline, in about a second.
+showcase: $(VENV)/installed
+	$(PY) examples/solver_showcase.py
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q

@@ -20,16 +20,11 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
-from callbacks.hf_utils import (
-    TextAnalysisCallback,
-    batch_count,
-    encode_batches,
-    find_causal_lm,
-    log_figure,
-    log_scalars,
-    output_dir,
-    progress,
-)
+from lightning_moo.data.parallel import encode_batches
+from lightning_moo.hf import find_causal_lm
+from lightning_moo.tensorboard import log_figure, log_scalars, output_dir
+
+from .analysis import TextAnalysisCallback, batch_count, progress
 
 
 def gated_mlps(model: nn.Module) -> list[nn.Module]:

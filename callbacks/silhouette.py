@@ -18,15 +18,10 @@ from matplotlib.figure import Figure
 from sklearn.metrics import silhouette_score
 from torch import nn
 
-from callbacks.hf_utils import (
-    TextAnalysisCallback,
-    batch_count,
-    encode_batches,
-    log_figure,
-    log_scalars,
-    progress,
-    tensorboard_writer,
-)
+from lightning_moo.data.parallel import encode_batches
+from lightning_moo.tensorboard import log_figure, log_scalars, tensorboard_writer
+
+from .analysis import TextAnalysisCallback, batch_count, progress
 
 METRICS = ("cosine", "euclidean")
 

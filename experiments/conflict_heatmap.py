@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from callbacks import ConflictMonitor
-from callbacks.conflict_monitor import bucket_pair_figure, in_model_order, language_cosine_figure, language_names
+from lightning_moo.callbacks import ConflictMonitor
+from lightning_moo.callbacks.conflict_monitor import bucket_pair_figure, in_model_order, language_cosine_figure, language_names
 from lightning_moo import metrics
 from lightning_moo.solvers import MGDA
 from lightning_moo.strategies import BucketMOOStrategy

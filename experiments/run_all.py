@@ -75,7 +75,7 @@ def settings(sib200: Path) -> dict[str, Setting]:
             analysis_languages=["deu_Latn", "rus_Cyrl", "jpn_Jpan", "fra_Latn"], analysis_max_length=128,
         ),
         # SIB-200 topic classification with SmolLM2-135M-Instruct in one process (8 languages
-        # stashed per step: the buckets and solver of an 8-rank run, see README "Choosing a layout";
+        # stashed per step: the buckets and solver of an 8-rank run, see docs/layouts.md;
         # 8 processes do not fit 24 GB). global_two_pass needs one rank per language, and computes
         # the weights of "global" (tested), so it runs in the demo setting only.
         "sib200": Setting(
@@ -110,8 +110,8 @@ def analysis_callbacks(setting: Setting, sib200: Path, run_at: list[str]) -> lis
              "max_length": setting.analysis_max_length, "run_at": run_at}
     if setting.analysis_languages:
         texts["languages"] = setting.analysis_languages
-    return [{"class_path": "callbacks.Silhouette", "init_args": copy.deepcopy(texts)},
-            {"class_path": "callbacks.NeuronSpecificity", "init_args": copy.deepcopy(texts)}]
+    return [{"class_path": "lightning_moo.callbacks.Silhouette", "init_args": copy.deepcopy(texts)},
+            {"class_path": "lightning_moo.callbacks.NeuronSpecificity", "init_args": copy.deepcopy(texts)}]
 
 
 def overrides(setting: Setting, method: str, seed: int, steps: int, run_dir: Path,
@@ -119,7 +119,7 @@ def overrides(setting: Setting, method: str, seed: int, steps: int, run_dir: Pat
     """The run's changes to the setting's config (written to the run directory as YAML)."""
     callbacks: list[dict[str, Any]] = []
     if method != "base":
-        callbacks.append({"class_path": "callbacks.ConflictMonitor",
+        callbacks.append({"class_path": "lightning_moo.callbacks.ConflictMonitor",
                           "init_args": {"log_every_n_steps": setting.monitor_every, "image_every_n_steps": steps}})
     if analyse and sib200_available(sib200, setting.analysis_languages):
         # The untrained model's representations are the same for every method: measured once.

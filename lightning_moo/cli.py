@@ -1,21 +1,30 @@
 """``lightning-moo``: LightningCLI for multilingual fine-tuning with bucket-level MOO.
 
     lightning-moo fit --config configs/demo.yaml
-    lightning-moo fit --config configs/demo.yaml --strategy.solver=CAGrad --strategy.solver.c=0.4
+    lightning-moo fit --config configs/demo.yaml --strategy.solver=cagrad --strategy.solver.c=0.4
     lightning-moo validate --config configs/demo.yaml --ckpt_path <run>/checkpoints/last.ckpt
 
 The strategy is a top-level ``strategy:`` section (any Lightning ``Strategy``; default
 ``BucketMOOStrategy`` with MGDA), so that its solver is one flag away. Its ``languages`` default to
 ``data.train_languages``.
+
+A solver is named by its registered short name (case-insensitive: ``mgda``, ``cagrad``, …; see
+``lightning_moo.solvers.solver_names``), by class name or by ``class_path``, on the command line
+and in YAML (``solver: mgda``, ``solver: {class_path: cagrad, init_args: {c: 0.4}}``). An unknown
+name fails in two lines that list the solvers, before jsonargparse would print its usage dump.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import get_loader, set_loader
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
@@ -24,12 +33,102 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from . import solvers  # noqa: F401  (imported so that solver short names like CAGrad resolve)
+from . import solvers  # noqa: F401  (imported so that solver class names like CAGrad resolve)
 from . import strategies  # noqa: F401  (and strategy short names)
 from .data import MultilingualDataModule
 from .module import MultilingualLM
+from .solvers import solver_class_path
+from .tensorboard import output_dir
 
 DEFAULT_STRATEGY = {"class_path": "lightning_moo.strategies.BucketMOOStrategy"}
+
+# --- solvers by name: registered names become class paths before jsonargparse resolves them ----
+
+# --strategy.solver, --strategy.init_args.solver, and their .class_path (and .help) sub-options.
+SOLVER_OPTION = re.compile(r"--strategy(?:\.init_args)?\.solver(\.class_path|\.help)?")
+# YAML with the solver names of every ``strategy:`` section resolved (config files, --strategy values).
+PARSER_MODE = "lightning_moo_yaml"
+
+
+class SolverNameError(SystemExit):
+    """An unknown solver. A SystemExit (status 2), so that it passes through jsonargparse, which
+    would turn any other error of its YAML loader into a usage dump; :class:`MOOCLI` prints it."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(2)
+        self.message = f"lightning-moo: error: {where}: {message}"
+
+
+def _solver_spec(spec: Any) -> Any:
+    """A solver value (a name/path string or a ``{class_path, init_args}`` mapping), by path."""
+    if isinstance(spec, str) and spec.strip() not in ("", "null", "None", "~"):
+        return solver_class_path(spec.strip())
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str):
+        return {**spec, "class_path": solver_class_path(spec["class_path"])}
+    return spec
+
+
+def _resolve_strategy_spec(spec: Any, where: str) -> None:
+    """Resolve, in place, the solver of a strategy spec: ``solver`` or ``init_args.solver``."""
+    for holder in (spec, spec.get("init_args")) if isinstance(spec, dict) else ():
+        if isinstance(holder, dict) and "solver" in holder:
+            try:
+                holder["solver"] = _solver_spec(holder["solver"])
+            except ValueError as error:
+                raise SolverNameError(where, str(error)) from None
+
+
+def resolve_solver_names_in_config(config: Any) -> Any:
+    """Resolve, in place, the solver of every ``strategy:`` section of a loaded config (at the top
+    or under a subcommand); raises SolverNameError for an unknown name."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "strategy":
+                _resolve_strategy_spec(value, "strategy.solver (in a config)")
+            elif isinstance(value, dict):
+                resolve_solver_names_in_config(value)
+    return config
+
+
+def resolve_solver_names_in_args(args: list[str]) -> list[str]:
+    """The command line with solver names (``--strategy.solver=cagrad``, ``--strategy.solver X``,
+    ``--strategy.solver.class_path X``, ``--strategy.solver '{class_path: x}'``, ``--strategy
+    '{…, init_args: {solver: x}}'``) as class paths; raises SolverNameError for an unknown name."""
+    args = list(args)
+    for i, arg in enumerate(args):
+        option, eq, value = arg.partition("=")
+        match = SOLVER_OPTION.fullmatch(option)
+        has_value = eq or (i + 1 < len(args) and not args[i + 1].startswith("--"))
+        if (match is None and option != "--strategy") or not has_value:
+            continue
+        value = value if eq else args[i + 1]
+        try:
+            if match is None:  # --strategy: a class path, a file, or an inline spec with a solver
+                if not value.lstrip().startswith("{"):
+                    continue
+                spec = yaml.safe_load(value)
+                _resolve_strategy_spec(spec, option)
+                resolved = json.dumps(spec)
+            elif match.group(1):  # .class_path / .help: a class name or path
+                resolved = solver_class_path(value)
+            elif value.lstrip().startswith("{"):
+                resolved = json.dumps(_solver_spec(yaml.safe_load(value)))
+            else:
+                resolved = _solver_spec(value)
+        except ValueError as error:
+            raise SolverNameError(option, str(error)) from None
+        if eq:
+            args[i] = f"{option}={resolved}"
+        else:
+            args[i + 1] = resolved
+    return args
+
+
+def _load_yaml_resolving_solver_names(text: str) -> Any:
+    return resolve_solver_names_in_config(get_loader("yaml")(text))
+
+
+set_loader(PARSER_MODE, _load_yaml_resolving_solver_names, (yaml.YAMLError,))
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -52,6 +151,23 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class MOOCLI(LightningCLI):
+    def init_parser(self, **kwargs: Any):
+        kwargs.setdefault("parser_mode", PARSER_MODE)  # YAML, solver names resolved
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        # Solver names become class paths (or a two-line error) before jsonargparse sees them.
+        try:
+            if args is None:  # the real command line
+                self.config = parser.parse_args(resolve_solver_names_in_args(sys.argv[1:]))
+                return
+            if isinstance(args, (list, tuple)):
+                args = resolve_solver_names_in_args(args)
+            super().parse_arguments(parser, args)
+        except SolverNameError as error:
+            print(error.message, file=sys.stderr)
+            raise
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_subclass_arguments(Strategy, "strategy", required=False, fail_untyped=False)
         parser.set_defaults({"strategy": DEFAULT_STRATEGY})
@@ -87,7 +203,7 @@ class MOOCLI(LightningCLI):
 
 
 def prediction_dir(trainer: Trainer) -> Path:
-    return Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir) / "predictions"
+    return output_dir(trainer) / "predictions"
 
 
 @rank_zero_only
@@ -95,9 +211,9 @@ def summarize(trainer: Trainer, stage: str) -> None:
     """Where the run wrote its logs and checkpoints, and its last per-language metrics."""
     console = Console()
     console.rule("lightning-moo: run summary")
-    # trainer.log_dir would broadcast, a collective that rank zero must not enter alone.
-    log_dir = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
-    console.print(f"logs (tensorboard --logdir {Path(log_dir).parent}): {Path(log_dir).resolve()}", soft_wrap=True)
+    # Not trainer.log_dir: it broadcasts, a collective that rank zero must not enter alone.
+    log_dir = output_dir(trainer)
+    console.print(f"logs (tensorboard --logdir {log_dir.parent}): {log_dir.resolve()}", soft_wrap=True)
     checkpoint = trainer.checkpoint_callback
     for kind in ("last", "best"):
         path = getattr(checkpoint, f"{kind}_model_path", "") if checkpoint is not None else ""

@@ -1,15 +1,19 @@
-"""Loading Hugging Face causal LMs and tokenizers: hub names, local paths, GGUF files, files shipped
-inside Python packages, and an offline byte-level tokenizer."""
+"""Loading Hugging Face causal LMs and tokenizers (hub names, local paths, GGUF files, files shipped
+inside Python packages, an offline byte-level tokenizer), and finding the model and tokenizer that a
+LightningModule holds."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, PreTrainedModel
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
 
 BYTES = "bytes"  # the tokenizer name for the built-in byte-level tokenizer
 PACKAGE_PREFIX = "pkg:"
@@ -91,3 +95,37 @@ def load_causal_lm(
         arguments.setdefault("vocab_size", vocab_size)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **arguments))
     return model.to(dtype) if dtype is not None else model
+
+
+def find_causal_lm(pl_module: LightningModule) -> PreTrainedModel:
+    """The Hugging Face model a LightningModule wraps: its ``model`` attribute when that is a
+    ``PreTrainedModel``, else the first ``PreTrainedModel`` among its submodules."""
+    direct = getattr(pl_module, "model", None)
+    if isinstance(direct, PreTrainedModel):
+        return direct
+    for module in pl_module.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise TypeError(
+        f"{type(pl_module).__name__} holds no Hugging Face model: expected an attribute `model` or a "
+        "submodule that is a transformers.PreTrainedModel (e.g. from AutoModelForCausalLM)"
+    )
+
+
+def resolve_tokenizer(tokenizer: Any, pl_module: LightningModule) -> Any:
+    """The tokenizer given to a callback (an object, or a local directory to load it from), else
+    ``pl_module.tokenizer``."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = Path(tokenizer)
+        if not path.is_dir():
+            # Checked here so a typo fails clearly instead of becoming a Hub download attempt.
+            raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        return AutoTokenizer.from_pretrained(str(path))
+    if tokenizer is not None:
+        return tokenizer
+    found = getattr(pl_module, "tokenizer", None)
+    if found is None:
+        raise ValueError(
+            f"no tokenizer: pass tokenizer= to the callback or set {type(pl_module).__name__}.tokenizer"
+        )
+    return found

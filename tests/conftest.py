@@ -1,5 +1,7 @@
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Locally every run explores new examples; CI (CI=true) replays a fixed, derandomized set so that
@@ -12,3 +14,13 @@ settings.register_profile(
     derandomize=os.environ.get("CI", "").lower() == "true",
 )
 settings.load_profile("default")
+
+DISTRIBUTED = Path(__file__).parent / "distributed"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-process tests are ``distributed`` and ``slow``: ``pytest -m "not slow"`` is the quick loop."""
+    for item in items:
+        if DISTRIBUTED in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.distributed)
+            item.add_marker(pytest.mark.slow)

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.functional import cosine_similarity
 
-from callbacks import ConflictMonitor
+from lightning_moo.callbacks import ConflictMonitor
 from lightning_moo.buckets import BucketInfo, ParamRange
 
 

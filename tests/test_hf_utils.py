@@ -4,7 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.hf_utils import encode_batches, find_causal_lm, load_texts, read_parallel_texts, resolve_tokenizer
+from lightning_moo.data.parallel import encode_batches, load_texts, read_parallel_texts
+from lightning_moo.hf import find_causal_lm, resolve_tokenizer
 from tiny_lm import TinyLM, make_llama, make_texts, make_tokenizer
 
 HEADER = "index_id\tcategory\ttext\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
-from callbacks.neurons import NeuronSpecificity, activation_probabilities, gated_mlps, select_language_neurons
+from lightning_moo.callbacks.neurons import NeuronSpecificity, activation_probabilities, gated_mlps, select_language_neurons
 from tiny_lm import LANGUAGES, WORDS_PER_LANGUAGE, TinyLM, make_llama, make_texts, make_tokenizer, token_id
 
 # Embedding dimensions of the planted model: one indicator per language, one shared by every token,

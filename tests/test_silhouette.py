@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from sklearn.metrics import silhouette_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.neurons import NeuronSpecificity
-from callbacks.silhouette import Silhouette, pooled_hidden_states, silhouette_per_layer
+from lightning_moo.callbacks.neurons import NeuronSpecificity
+from lightning_moo.callbacks.silhouette import Silhouette, pooled_hidden_states, silhouette_per_layer
 from test_neurons import recorded_gates, reference_lape
 from tiny_lm import LANGUAGES, TinyLM, make_llama, make_texts, make_tokenizer
 

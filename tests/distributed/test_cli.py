@@ -86,8 +86,8 @@ TEXTS = {
     "rus": ["Сегодня хорошая погода.", "Я читаю книгу.", "Поезд опаздывает.", "Мы ужинаем."],
 }
 ANALYSIS = [
-    {"class_path": "callbacks.Silhouette", "init_args": {"texts": TEXTS, "run_at": ["fit_end"]}},
-    {"class_path": "callbacks.NeuronSpecificity", "init_args": {"texts": TEXTS, "run_at": ["fit_end"], "top_share": 0.1}},
+    {"class_path": "lightning_moo.callbacks.Silhouette", "init_args": {"texts": TEXTS, "run_at": ["fit_end"]}},
+    {"class_path": "lightning_moo.callbacks.NeuronSpecificity", "init_args": {"texts": TEXTS, "run_at": ["fit_end"], "top_share": 0.1}},
 ]
 
 

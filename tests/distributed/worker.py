@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from toy import ToyModule, named_params
 
-from callbacks import ConflictMonitor
+from lightning_moo.callbacks import ConflictMonitor
 from lightning_moo.strategies import BucketMOOStrategy, StockDeepSpeedStrategy
 
 

@@ -1,6 +1,6 @@
 """Solver showcase: how each solver combines four conflicting "language" gradients.
 
-    python -m lightning_moo.showcase [--tasks 4] [--dim 64] [--seed 0]
+    python examples/solver_showcase.py [--tasks 4] [--dim 64] [--seed 0]
 
 Draws T gradients that share a direction but conflict pairwise, then prints for every solver the
 weights, the cosine between its update d and each task gradient (negative = that task's loss goes
