@@ -19,7 +19,8 @@ DISTRIBUTED = Path(__file__).parent / "distributed"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Multi-process tests are ``distributed`` and ``slow``: ``pytest -m "not slow"`` is the quick loop."""
+    """Multi-process tests are ``distributed`` and ``slow``: ``pytest -m "not slow"`` is the quick loop.
+    Tests elsewhere that launch processes say so themselves (e.g. the experiments' smoke run)."""
     for item in items:
         if DISTRIBUTED in Path(item.fspath).parents:
             item.add_marker(pytest.mark.distributed)

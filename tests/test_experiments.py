@@ -60,6 +60,8 @@ def _printed_metric(log: str, tag: str) -> float:
     return float(re.findall(rf"{re.escape(tag)}\s*│\s*([0-9.]+)", log)[-1])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_smoke_run_of_the_demo_setting(tmp_path):
     out = tmp_path / "results"
