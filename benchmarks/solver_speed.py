@@ -3,8 +3,10 @@
     python benchmarks/solver_speed.py                       # CPU, float32
     python benchmarks/solver_speed.py --device cuda --dtype bfloat16 --out benchmarks/results/solver_speed_cuda.md
 
-Part 1 times ``solver(gram)`` for T tasks on random conflicting Grams (median of repeats; this is
-per bucket and per step, and the same on every device since solvers work on a T×T CPU copy).
+Part 1 times every registered solver: ``solver(gram)`` for T tasks on random conflicting Grams
+(median of repeats; this is per bucket and per step, and the same on every device since solvers
+work on a T×T CPU copy), and ``weighting.weigh(losses, step)`` for the loss-based weightings (once
+per step, not per bucket), consecutive steps on one instance so that stateful solvers run warm.
 Part 2 times, for one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix and
 the weighted combination against the stock path (the mean of the T gradients), as ratios
 measured in the same run.
@@ -23,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_moo.gram import combine, gram
-from lightning_moo.solvers import MGDA, AlignedMTL, CAGrad, DualProj, IMTLG, Mean, NashMTL, PCGrad, UPGrad
+from lightning_moo.solvers import BUILTIN
 
-SOLVERS = [Mean, MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL]
+SOLVERS = [cls for cls in BUILTIN if cls.__name__ != "Sum"]  # Sum costs what Mean does
 
 
 def median_time(fn, repeats: int, sync=lambda: None) -> float:
@@ -50,14 +52,14 @@ def solver_table(tasks: list[int], repeats: int) -> tuple[list[str], list[list[s
     header = ["solver"] + [f"T={T} (ms)" for T in tasks]
     rows = []
     for cls in SOLVERS:
-        row = [cls.__name__]
+        row = [cls.__name__ + ("" if cls.uses_gram else " (per step, from losses)")]
         for T in tasks:
             grams = [random_gram(T, s) for s in range(repeats)]
             solver = cls()
             times = []
-            for G in grams:
+            for step, G in enumerate(grams):
                 start = time.perf_counter()
-                solver(G)
+                solver(G, step=step) if cls.uses_gram else solver.weigh(G.diagonal(), step)
                 times.append(time.perf_counter() - start)
             row.append(f"{1e3 * statistics.median(times):.3f}")
         rows.append(row)

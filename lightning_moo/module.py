@@ -175,6 +175,10 @@ class MultilingualLM(LightningModule):
         by_language = dict(zip(names, per_language))
         values = {f"train/loss_{language}": value for language, value in by_language.items()}
         values["train/loss"] = per_language.mean()
+        # A loss-based weighting's weights of this step (Gram solvers' weights are per bucket: ConflictMonitor).
+        loss_weights = getattr(self.trainer.strategy, "loss_weights", None)
+        if loss_weights is not None and layout is not None:
+            values.update({f"train/loss_weight_{name}": w for name, w in zip(names, loss_weights.float())})
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
         # The progress bar shows each language's loss under its bare code, to stay on one line.
         self.log_dict(by_language, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)

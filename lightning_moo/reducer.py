@@ -52,13 +52,14 @@ class BucketReducer:
         self.engine, self.loss_scaling, self.group = engine, loss_scaling, group
         self.buckets: dict[int, BucketInfo] = {}
         self.step = -1
+        self.losses: Optional[Tensor] = None  # each language's loss this step, for solvers that need them
         self._skipped = False  # this step overflowed: the engine skips it, monitoring must not see its NaN Grams
 
     def start_step(self, step: int) -> None:
         """A new optimizer step forgets the last one's records (an engine may rebuild its buckets, so an
         index need not name the same parameters from one step to the next)."""
         if step != self.step:
-            self.step, self.buckets, self._skipped = step, {}, False
+            self.step, self.buckets, self._skipped, self.losses = step, {}, False, None
 
     def reduce(self, tensor: Tensor, bucket: Bucket, others: Optional[Tensor] = None) -> Tensor:
         """Write the combination into this rank's elements of ``tensor`` (this rank's flat gradient of
@@ -67,7 +68,7 @@ class BucketReducer:
         def solve(gram: Tensor) -> Tensor:
             if not bool(torch.isfinite(gram).all()):
                 return self._non_finite(bucket, tensor, others, gram)
-            return self.solver(gram, bucket=bucket.index, step=self.step)
+            return self.solver(gram, bucket=bucket.index, step=self.step, losses=self.losses)
 
         pieces = [(p.start, p.end) for p in bucket.params]
         piece_grams, w = self.exchange.reduce(tensor, bucket.owners, pieces, solve, self.layout, self.group, others)

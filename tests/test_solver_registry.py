@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from lightning_moo.solvers import (
-    BUILTIN, IMTLG, MGDA, AlignedMTL, CAGrad, DualProj, Mean, MOOSolver, NashMTL, PCGrad, Sum, UPGrad, get_solver,
-    register, resolve_solver, solver_class, solver_names,
+    BUILTIN, DWA, EMA, FAMO, GLS, IMTLG, MGDA, RLW, UW, AlignedMTL, CAGrad, ConFIG, DualProj, FairGrad, GradVac, Mean,
+    MOOSolver, NashMTL, PCGrad, Sum, UPGrad, get_solver, register, resolve_solver, solver_class, solver_names,
 )
 from lightning_moo.solvers import registry
 
-NAMES = ["mgda", "cagrad", "pcgrad", "imtlg", "upgrad", "dualproj", "alignedmtl", "nashmtl", "mean", "sum"]
+NAMES = ["mgda", "cagrad", "pcgrad", "imtlg", "upgrad", "dualproj", "alignedmtl", "nashmtl", "gradvac", "fairgrad",
+         "config", "ema", "mean", "sum", "uw", "dwa", "rlw", "gls", "famo"]
 
 
 @pytest.fixture
@@ -25,7 +26,8 @@ def clean_registry(monkeypatch):
 def test_the_registry_lists_every_builtin_solver():
     assert solver_names()[: len(NAMES)] == NAMES
     assert [solver_class(name) for name in NAMES] == list(BUILTIN)
-    assert set(BUILTIN) == {Mean, Sum, MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL}
+    assert set(BUILTIN) == {Mean, Sum, MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL, GradVac, FairGrad,
+                            ConFIG, EMA, UW, DWA, RLW, GLS, FAMO}
     assert all(cls.name in NAMES for cls in BUILTIN)
 
 

@@ -26,8 +26,13 @@ a short name with :func:`register`.
 from .aligned_mtl import AlignedMTL
 from .base import DECLARATIONS, MOOSolver, check_gram
 from .cagrad import CAGrad
+from .config_method import ConFIG
+from .ema import EMA
+from .fairgrad import FairGrad
+from .gradvac import GradVac
 from .imtl import IMTLG
 from .linear import Mean, Sum
+from .loss_based import DWA, FAMO, GLS, RLW, UW, LossWeighting
 from .mgda import MGDA
 from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
@@ -58,4 +63,14 @@ __all__ = [
     "DualProj",
     "AlignedMTL",
     "NashMTL",
+    "FairGrad",
+    "ConFIG",
+    "GradVac",
+    "EMA",
+    "LossWeighting",
+    "UW",
+    "DWA",
+    "RLW",
+    "GLS",
+    "FAMO",
 ]

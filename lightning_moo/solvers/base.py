@@ -43,6 +43,13 @@ class MOOSolver(ABC):
       :meth:`bucket_state` (carried by :meth:`state_dict`); when False the weights are a function of
       the Gram matrix and ``(bucket, step)`` alone and ``state_dict()`` stays empty.
 
+    **Per-step context.** ``solver(gram, bucket=..., step=..., losses=...)`` sets ``self.bucket``,
+    ``self.step`` and ``self.losses`` (each language's loss this step, float64 [T], or None) before
+    ``weights`` runs. A solver that reads ``self.losses`` sets ``needs_losses = True``, and the
+    strategies then gather the languages' losses every step. A loss-based weighting (``uses_gram =
+    False``, see :class:`~lightning_moo.solvers.loss_based.LossWeighting`) needs no gradients at all:
+    the strategies scale each language's loss before the backward and reduce gradients the stock way.
+
     ``name`` is the short, case-insensitive name the registry
     (:mod:`lightning_moo.solvers.registry`) lists a registered class under (default: the class
     name in lower case).
@@ -53,11 +60,14 @@ class MOOSolver(ABC):
     scale_invariant: bool = False
     permutation_equivariant: bool = False
     stateful: bool = True
+    needs_losses: ClassVar[bool] = False
+    uses_gram: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._states: dict[Hashable, dict[str, Any]] = {}
         self.bucket: Hashable = 0
         self.step: int = 0
+        self.losses: Tensor | None = None
 
     @abstractmethod
     def weights(self, gram: Tensor) -> Tensor:
@@ -67,9 +77,10 @@ class MOOSolver(ABC):
         """Weights returned when every gradient is zero (the direction is zero whatever they are)."""
         return torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
 
-    def __call__(self, gram: Tensor, *, bucket: Hashable = 0, step: int = 0) -> Tensor:
+    def __call__(self, gram: Tensor, *, bucket: Hashable = 0, step: int = 0, losses: Tensor | None = None) -> Tensor:
         checked = check_gram(gram)
         self.bucket, self.step = bucket, step
+        self.losses = None if losses is None else check_losses(losses, checked.shape[0])
         if not bool(checked.diagonal().any()):
             w = self.neutral_weights(checked.shape[0])
         else:
@@ -99,13 +110,27 @@ class MOOSolver(ABC):
         return {key: bool(getattr(self, key)) for key in DECLARATIONS}
 
     def __repr__(self) -> str:
-        hidden = ("bucket", "step", *DECLARATIONS)
+        hidden = ("bucket", "step", "losses", *DECLARATIONS)
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in hidden)
         return f"{type(self).__name__}({args})"
 
 
 #: The declarations every solver class carries (class attributes of :class:`MOOSolver`).
 DECLARATIONS = ("conflict_free", "scale_invariant", "permutation_equivariant", "stateful")
+
+
+def check_losses(losses: Tensor, num_tasks: int) -> Tensor:
+    """Validate one step's per-task losses and return a float64 CPU copy."""
+    losses = torch.as_tensor(losses).detach().to(device="cpu", dtype=torch.float64)
+    if losses.shape != (num_tasks,):
+        raise ValueError(f"expected {num_tasks} per-task losses, got shape {tuple(losses.shape)}")
+    if not bool(torch.isfinite(losses).all()):
+        bad = [t for t in range(num_tasks) if not bool(torch.isfinite(losses[t]))]
+        raise ValueError(
+            f"the loss of task(s) {bad} is NaN/Inf ({losses.tolist()}): check those languages' inputs, lower the "
+            "learning rate, or enable loss scaling / gradient clipping"
+        )
+    return losses
 
 
 def check_gram(gram: Tensor) -> Tensor:

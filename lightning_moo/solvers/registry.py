@@ -24,8 +24,13 @@ from typing import Any, TypeVar
 from .aligned_mtl import AlignedMTL
 from .base import MOOSolver
 from .cagrad import CAGrad
+from .config_method import ConFIG
+from .ema import EMA
+from .fairgrad import FairGrad
+from .gradvac import GradVac
 from .imtl import IMTLG
 from .linear import Mean, Sum
+from .loss_based import DWA, FAMO, GLS, RLW, UW
 from .mgda import MGDA
 from .nash_mtl import NashMTL
 from .pcgrad import PCGrad
@@ -34,7 +39,10 @@ from .upgrad import DualProj, UPGrad
 S = TypeVar("S", bound=type[MOOSolver])
 
 #: The built-in solvers, in the order :func:`solver_names` lists them.
-BUILTIN: tuple[type[MOOSolver], ...] = (MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL, Mean, Sum)
+BUILTIN: tuple[type[MOOSolver], ...] = (
+    MGDA, CAGrad, PCGrad, IMTLG, UPGrad, DualProj, AlignedMTL, NashMTL, GradVac, FairGrad, ConFIG, EMA, Mean, Sum,
+    UW, DWA, RLW, GLS, FAMO,  # loss-based weightings
+)
 
 _NAMES: dict[str, type[MOOSolver]] = {}  # registered name -> class, in registration order
 _KEYS: dict[str, type[MOOSolver]] = {}  # normalised name or class name -> class

@@ -16,6 +16,7 @@ from ..reducer import BucketReducer
 from ..solvers import Mean, MOOSolver, Sum, resolve_solver
 from .. import _compat
 from .deepspeed import StockDeepSpeedStrategy
+from .language_losses import LanguageLosses
 from .solver_state import SolverStateInCheckpoints
 from .zero_hook import ZeroBucketHook
 
@@ -25,7 +26,7 @@ Mode = Literal["bucket", "global", "global_two_pass"]
 _LINEAR_SOLVERS = (Mean, Sum)
 
 
-class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
+class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeedStrategy):
     """DeepSpeed ZeRO stage 1 or 2 with one language per rank (or per group of k ranks) and a MOO
     solver per gradient bucket.
 
@@ -76,6 +77,7 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[ZeroBucketHook] = None
         self.global_info: Optional[BucketInfo] = None
+        self._init_language_losses()
 
     @property
     def buckets(self) -> dict[int, BucketInfo]:
@@ -103,12 +105,17 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         buckets DeepSpeed then reduces carry the last language's gradient, and the hook adds the
         stashed ones as the rank's other languages. Costs m - 1 gradient copies of the model.
         """
-        if self.layout.languages_per_rank == 1 or self.hook is None:
+        weighs_losses = not self.solver.uses_gram
+        if self.layout.languages_per_rank == 1 or (self.hook is None and not weighs_losses):
             raise RuntimeError(
                 "stash_gradient is for several languages per rank (more languages than ranks) in mode='bucket' "
                 "or 'global'; "
                 "with one language per rank call manual_backward(loss)"
             )
+        # A loss weighting scales this loss and backpropagates it with the last language's: keep it whole.
+        self._stashed_losses.append(loss if weighs_losses else loss.detach())
+        if weighs_losses:
+            return
         params = [p for p in self.deepspeed_engine.module.parameters() if p.requires_grad]
         grads = self._invisible_grad(loss, params, retain_graph=False)
         device = self.stash_device
@@ -126,7 +133,7 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
         if not (trainer and trainer.training):
             return  # validate/test/predict: DeepSpeed's inference engine, no gradients to combine
         self._check_optimizer()
-        if self.mode != "global_two_pass":
+        if self.mode != "global_two_pass" and self.solver.uses_gram:
             optimizer = self.deepspeed_engine.optimizer
             names = {id(p): n for n, p in self.deepspeed_engine.module.named_parameters()}
             # fp16 with dynamic loss scaling: DeepSpeed must see an overflow, skip the step and lower
@@ -142,6 +149,8 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
             self.hook.start_step(self.lightning_module.trainer.global_step)
 
     def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        if self.solver.needs_losses:
+            closure_loss = self._with_language_losses(closure_loss)
         if self.mode == "global_two_pass":
             w = self._global_weights(closure_loss)
             # DeepSpeed averages over the N = k·T ranks: scaling by N·w_t/k makes the average
@@ -172,7 +181,7 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
                 chunk.append(grad)
                 size += grad.numel()
         step = self.lightning_module.trainer.global_step
-        w = self.solver(g, bucket="global", step=step)
+        w = self.solver(g, bucket="global", step=step, losses=self.language_losses)
         offset, ranges = 0, []
         for n, p in named:
             ranges.append(ParamRange(n, offset, offset + p.numel()))
@@ -202,6 +211,11 @@ class BucketMOOStrategy(SolverStateInCheckpoints, StockDeepSpeedStrategy):
                 "reduces gradients through buffered_reduce_fallback, bypassing the per-bucket solver."
             )
         accumulation = int(self.config.get("gradient_accumulation_steps", 1))
+        if not self.solver.uses_gram and (self.mode != "bucket" or accumulation > 1):
+            raise MisconfigurationException(
+                f"{type(self.solver).__name__} weighs each optimizer step's losses before the backward: use "
+                f"mode='bucket' (got {self.mode!r}) and accumulate_grad_batches=1 (got {accumulation})."
+            )
         m = self.layout.languages_per_rank
         if m > 1 and (self.mode == "global_two_pass" or accumulation > 1):
             raise MisconfigurationException(

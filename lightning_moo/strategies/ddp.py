@@ -18,6 +18,7 @@ from ..layout import LanguageLayout
 from ..reducer import BucketReducer
 from ..solvers import MOOSolver, resolve_solver
 from .. import _compat
+from .language_losses import LanguageLosses
 from .solver_state import SolverStateInCheckpoints
 
 # DDPStrategy arguments that would replace our comm hook or average outside it.
@@ -81,7 +82,7 @@ def _gather_slices(tensor: Tensor, slices: list[Segment]) -> None:
         tensor[s.start : s.start + s.length] = received[r * width : r * width + s.length]
 
 
-class BucketMOODDPStrategy(SolverStateInCheckpoints, DDPStrategy):
+class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy):
     """PyTorch DDP with one rank per language and a MOO solver per DDP gradient bucket.
 
     Rank t trains language t. Where DDP averages the languages' gradients of a bucket, a comm hook
@@ -129,6 +130,7 @@ class BucketMOODDPStrategy(SolverStateInCheckpoints, DDPStrategy):
         self.languages = languages
         self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[DDPBucketHook] = None
+        self._init_language_losses()
 
     @property
     def buckets(self) -> dict[int, BucketInfo]:
@@ -152,12 +154,25 @@ class BucketMOODDPStrategy(SolverStateInCheckpoints, DDPStrategy):
     def _register_ddp_hooks(self) -> None:
         # Lightning registers comm hooks on CUDA only; DDP runs them on gloo as well.
         assert self.lightning_module is not None and self.model is not None and self.layout is not None
+        if not self.solver.uses_gram:
+            accumulation = self.lightning_module.trainer.accumulate_grad_batches
+            if accumulation > 1:
+                raise MisconfigurationException(
+                    f"{type(self.solver).__name__} weighs each optimizer step's losses before the backward: use "
+                    f"accumulate_grad_batches=1 (got {accumulation})."
+                )
+            return  # a loss weighting scales the losses; DDP averages the gradients the stock way
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         scaler = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
         # fp16 with a GradScaler: an overflow must reach the scaler, which skips the step.
         reducer = BucketReducer(self.solver, self.exchange, self.layout, "DDP", loss_scaling=scaler)
         self.hook = DDPBucketHook(reducer, names)
         self.model.register_comm_hook(self.hook, _moo_comm_hook)
+
+    def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        if self.solver.needs_losses:
+            closure_loss = self._with_language_losses(closure_loss)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)

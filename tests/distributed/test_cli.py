@@ -175,3 +175,16 @@ def test_one_process_training_both_languages_matches_the_two_rank_run(straight, 
     for language in LANGUAGES:
         tag = f"train/loss_{language}"
         assert list(logged[tag].values()) == pytest.approx(list(reference[tag].values()), rel=1e-5)
+
+
+def test_loss_weighting_by_name_trains_and_logs_its_weights(tmp_path):
+    """``--strategy.solver=gls``: the GLS weights of each step's per-language losses are logged, and
+    they are the geometric-mean weights of the logged losses (w_t = (Π L)^(1/T) / (T L_t))."""
+    cli("fit", "--config", str(config(tmp_path, "gls")), "--strategy.solver=gls", "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3")
+    logged = scalars(tmp_path / "logs" / "gls" / "version_0")
+    for step in range(3):
+        losses = torch.tensor([logged[f"train/loss_{language}"][step] for language in LANGUAGES], dtype=torch.float64)
+        weights = torch.tensor([logged[f"train/loss_weight_{language}"][step] for language in LANGUAGES], dtype=torch.float64)
+        expected = losses.prod() ** (1 / len(LANGUAGES)) / (len(LANGUAGES) * losses)
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
