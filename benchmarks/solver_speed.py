@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_moo.gram import combine, gram
-from lightning_moo.solvers import BUILTIN
+from lightning_moo.solvers import BUILTIN, MGDA
 
 SOLVERS = [cls for cls in BUILTIN if cls.__name__ != "Sum"]  # Sum costs what Mean does
 

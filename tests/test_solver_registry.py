@@ -119,3 +119,11 @@ def test_declarations_are_conservative_by_default():
 
     assert Plain().declarations() == {"conflict_free": False, "scale_invariant": False,
                                       "permutation_equivariant": False, "stateful": True}
+
+
+def test_docs_list_every_registered_solver():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "solvers.md").read_text()
+    missing = [name for name in solver_names() if f"`{name}`" not in text]
+    assert not missing, f"docs/solvers.md does not list {missing}"

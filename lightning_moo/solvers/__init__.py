@@ -1,12 +1,14 @@
-"""Gram-based multi-objective solvers: ``weights(gram: T×T) -> T weights``.
+"""Multi-objective solvers: ``weights(gram: T×T) -> T weights``, and loss-based weightings.
 
 A solver maps the Gram matrix of the T task gradients of one bucket to the weights of the
-bucket's update ``d = Σ_t w_t g_t``.
+bucket's update ``d = Σ_t w_t g_t``. A loss-based weighting (:mod:`.loss_based`) maps the T
+tasks' losses of a step to the weights of ``Σ_t w_t L_t`` instead (docs/solvers.md lists all).
 
 **By name.** Every built-in solver is registered under a short, case-insensitive name
 (:func:`solver_names`: ``mgda``, ``cagrad``, ``pcgrad``, ``imtlg``, ``upgrad``, ``dualproj``,
-``alignedmtl``, ``nashmtl``, ``mean``, ``sum``; ``-`` and ``_`` are ignored and class names
-resolve too). :func:`get_solver` builds one (``get_solver("cagrad", c=0.4)``);
+``alignedmtl``, ``nashmtl``, ``gradvac``, ``fairgrad``, ``config``, ``ema``, ``mean``, ``sum``, and
+the weightings ``uw``, ``dwa``, ``rlw``, ``gls``, ``famo``; ``-`` and ``_`` are ignored and class
+names resolve too). :func:`get_solver` builds one (``get_solver("cagrad", c=0.4)``);
 :func:`resolve_solver` turns what a user gave (an instance, a name, ``None`` for ``MGDA()``) into a
 solver, and the strategies call it, so an unknown name fails with a short ``ValueError`` that lists
 the solvers. On the command line: ``--strategy.solver=cagrad --strategy.solver.c=0.4``.

@@ -1,0 +1,23 @@
+"""The benchmark scripts still run (CPU, tiny sizes): their numbers are measured elsewhere."""
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_solver_speed_times_every_registered_solver(tmp_path):
+    from lightning_moo.solvers import BUILTIN
+
+    out = tmp_path / "speed.md"
+    load("solver_speed").main(["--tasks", "2", "3", "--repeats", "2", "--elements", "1000", "--kernel-tasks", "2", "--out", str(out)])
+    text = out.read_text()
+    timed = [line.split("|")[1].split("(")[0].strip() for line in text.splitlines() if line.startswith("| ")]
+    assert {cls.__name__ for cls in BUILTIN} - {"Sum"} <= set(timed)  # Sum costs what Mean does
