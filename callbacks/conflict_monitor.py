@@ -8,16 +8,23 @@ the other ranks return at once.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
 
 from lightning_moo import metrics
 from lightning_moo.buckets import BucketInfo
+from lightning_moo.tensorboard import RunWriters, figure_pixels
+
+from .conflict_figures import draw_images, in_model_order  # noqa: F401 (in_model_order: public here too)
+from .conflict_records import Limits, conflict_records, language_run
 
 _KINDS = "|".join(re.escape(k) for k in (*metrics.MODULE_KINDS, "mixed"))
 # Per-group scalars, each a chart of one row of the custom-scalars dashboard.
@@ -29,39 +36,79 @@ _GROUP_CHARTS = {
 
 
 class ConflictMonitor(pl.Callback):
-    """Log gradient conflict between languages, per bucket, layer, module kind and for the whole model.
+    """Log gradient conflict between languages, per bucket, layer, module kind and for the whole model,
+    with every per-language series in a TensorBoard run of its own (one named colour per language).
 
-    Every ``log_every_n_steps`` optimizer steps (step s is logged when ``s % log_every_n_steps == 0``):
+    Every ``log_every_n_steps`` optimizer steps (step s is logged when ``s % log_every_n_steps == 0``),
+    in the logger's run:
 
-    * ``conflict/global/...`` from the whole model's Gram Σ_b G_b: ``cosine_mean``, ``cosine_min``,
-      ``conflict_ratio``, ``cosine/<a>_<b>`` per language pair, ``grad_norm/<lang>``,
-      ``weight/<lang>`` (solver weights averaged over buckets by element count), ``gap_global``
-      (‖min-norm point‖² of Σ_b G_b) and ``gap_bucket_sum`` (Σ_b ‖min-norm point of G_b‖²);
-    * the same cosine, ratio, norm and weight scalars under ``conflict/<kind>/`` (embeddings,
-      attention, mlp, norms, head, other; split exactly by parameter, ``mixed`` only for a
-      global_two_pass bucket spanning several kinds),
-      ``conflict/layer_<i>/`` and ``conflict/bucket_<i>/`` (i = order of reduction; buckets also get
-      ``gap``).
+    * ``conflict/global/``: ``cosine_mean``, ``cosine_min``, ``conflict_ratio`` from the whole model's
+      Gram Σ_b G_b, ``gap_global`` (‖min-norm point‖² of Σ_b G_b), ``gap_bucket_sum``
+      (Σ_b ‖min-norm point of G_b‖²) and ``direction_norm`` (‖d‖ of the applied direction);
+    * the same cosine and ratio scalars under ``conflict/<kind>/`` (embeddings, attention, mlp, norms,
+      head, other; split exactly by parameter, ``mixed`` only for a global_two_pass bucket spanning
+      several kinds), ``conflict/layer_<i>/`` and ``conflict/bucket_<i>/`` (i = order of reduction;
+      buckets also get ``gap``);
 
-    Every ``image_every_n_steps`` steps two images: ``conflict/images/bucket_pair_cosines`` (buckets in
-    model order × language pairs) and ``conflict/images/language_cosines`` (whole model).
+    in the run ``language/<name>`` of each language, under tags shared by all languages:
+    ``by_language/grad_norm``, ``by_language/solver_weight`` (the whole model's; solver weights averaged
+    over the elements), ``by_language/progress`` (first-order decrease of the language's loss per unit
+    step along the applied direction), ``conflict/<group>/grad_norm`` and ``conflict/<group>/weight``
+    for every other group, and the module's per-language metrics mirrored from ``train/loss_<name>``,
+    ``val/bpb_<name>``, … as ``by_language/train_loss``, ``by_language/val_bpb``, …; in the run
+    ``pair/<a>-<b>`` of each language pair: ``by_pair/cosine``. The ``by_`` groups sort first on
+    TensorBoard's Scalars and Time Series pages.
 
-    Needs ``BucketMOOStrategy`` and a ``TensorBoardLogger``. Language names come from the strategy's
-    ``languages`` list, else ``lang<t>``. With gradient accumulation under ZeRO-2 the Grams are those
-    of the last micro-batch (ZeRO-2 reduces every micro-batch); under ZeRO-1 those of the step.
+    Above ``max_bucket_scalars`` buckets the per-bucket scalars become histograms over buckets
+    (``conflict/buckets/...``); above ``max_layer_scalars`` transformer blocks the per-layer scalars
+    become ``layer_groups`` contiguous groups (``conflict/layers_<a>-<b>/``) plus histograms over
+    layers (``conflict/layers/...``), so the tags per logged step stay bounded
+    (:func:`~lightning_moo.callbacks.conflict_records.scalar_bounds`).
+
+    Every ``image_every_n_steps`` steps four images under ``conflict/images/``: ``bucket_pair_cosines``
+    (buckets in model order × language pairs), ``bucket_step_cosines`` (buckets × the last ``history``
+    logged steps), ``layer_profile`` (cosines and weights per transformer block) and
+    ``language_cosines`` (whole model).
+
+    Rank zero computes, draws and writes all of this on a niced background thread
+    (``background=False``: inline), so a logged step blocks the training loop almost not at all; everything is written by the end of
+    ``fit`` (or at :meth:`wait`), and a failure on that thread is raised at the next step.
+
+    Needs ``BucketMOOStrategy`` (or ``BucketMOODDPStrategy``) and a ``TensorBoardLogger``. Language
+    names come from the strategy's ``languages`` list, else ``lang<t>``. With gradient accumulation
+    under ZeRO-2 the Grams are those of the last micro-batch (ZeRO-2 reduces every micro-batch); under
+    ZeRO-1 those of the step.
     """
 
-    def __init__(self, log_every_n_steps: int = 50, image_every_n_steps: int = 500) -> None:
+    def __init__(
+        self,
+        log_every_n_steps: int = 50,
+        image_every_n_steps: int = 500,
+        max_bucket_scalars: int = 16,
+        max_layer_scalars: int = 8,
+        layer_groups: int = 4,
+        history: int = 200,
+        background: bool = True,
+    ) -> None:
         super().__init__()
-        if log_every_n_steps < 1 or image_every_n_steps < 1:
+        if log_every_n_steps < 1 or image_every_n_steps < 1 or history < 1:
             raise ValueError(
-                f"log_every_n_steps and image_every_n_steps must be ≥ 1, got {log_every_n_steps} and {image_every_n_steps}"
+                f"log_every_n_steps, image_every_n_steps and history must be ≥ 1, got {log_every_n_steps}, "
+                f"{image_every_n_steps} and {history}"
             )
         self.log_every_n_steps = log_every_n_steps
         self.image_every_n_steps = image_every_n_steps
+        self.limits = Limits(max_bucket_scalars, max_layer_scalars, layer_groups)
+        self.history = history
+        self.background = background
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: list[Future] = []
         self._logger: Optional[TensorBoardLogger] = None
+        self._runs: Optional[RunWriters] = None
         self._param_names: list[str] = []
         self._last_step = -1
+        self._last_mirrored = -1
+        self._bucket_cosines: dict[int, dict[int, float]] = {}  # logged step → bucket index → mean cosine
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Checked on every rank, so that all ranks fail together instead of one hanging in a collective.
@@ -81,13 +128,39 @@ class ConflictMonitor(pl.Callback):
         self._logger = loggers[0]
         self._param_names = [name for name, _ in pl_module.named_parameters()]
 
+    @property
+    def runs(self) -> RunWriters:
+        """The logger's run and the language and pair runs below its directory (rank zero only)."""
+        if self._runs is None:
+            self._runs = RunWriters(self._logger.experiment, Path(self._logger.log_dir))
+        return self._runs
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wait()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._runs is not None:
+                self._runs.close()
+                self._runs = None
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._logger.experiment.add_custom_scalars(custom_scalars_layout())
+            self.runs[""].add_custom_scalars(custom_scalars_layout())
+            # TensorBoard colours runs in the order it finds them, cycling a palette of seven: the
+            # language runs come first, so that up to six languages never share a colour (pairs follow).
+            for language in known_languages(trainer, pl_module):
+                self.runs[language_run(language)]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not trainer.is_global_zero:
             return
+        self._mirror_training_metrics(trainer, pl_module)
         buckets = trainer.strategy.buckets
         if not buckets:
             return
@@ -102,29 +175,116 @@ class ConflictMonitor(pl.Callback):
             return
         current = [b for b in sorted(buckets.values(), key=lambda b: b.index) if b.step == step]
         names = language_names(trainer.strategy, current[0].gram.shape[0])
-        writer = self._logger.experiment
+        self._bucket_cosines[step] = {b.index: metrics.mean_cosine(b.gram) for b in current}
+        for old in sorted(self._bucket_cosines)[: -self.history]:
+            del self._bucket_cosines[old]
+        history = dict(self._bucket_cosines) if log_images else None
+        self._submit(self._write_step, current, names, step, log_scalars, history)
+
+    def _write_step(self, current: list[BucketInfo], names: list[str], step: int, log_scalars: bool, history) -> None:
         if log_scalars:
-            for tag, value in conflict_scalars(current, names).items():
-                writer.add_scalar(tag, value, step)
-        if log_images:
-            ordered = in_model_order(current, self._param_names)
-            writer.add_figure("conflict/images/bucket_pair_cosines", bucket_pair_figure(ordered, names), step, close=True)
-            cos = metrics.cosine_matrix(metrics.sum_grams(b.gram for b in current))
-            writer.add_figure("conflict/images/language_cosines", language_cosine_figure(cos, names), step, close=True)
-        writer.flush()
+            records = conflict_records(current, names, self.limits)
+            for run, tags in records.scalars.items():
+                writer = self.runs[run]
+                for tag, value in tags.items():
+                    writer.add_scalar(tag, value, step)
+            for run, tags in records.histograms.items():
+                writer = self.runs[run]
+                for tag, values in tags.items():
+                    writer.add_histogram(tag, values, step)
+        if history is not None:
+            for name, figure in draw_images(current, names, self._param_names, history).items():
+                self.runs[""].add_image(f"conflict/images/{name}", figure_pixels(figure), step, dataformats="HWC")
+        self.runs.flush()
+
+    def _submit(self, work, *args) -> None:
+        """Run ``work`` on the monitor's writer thread, in order, after re-raising any earlier failure.
+
+        Rank zero hands each logged step to one background thread, so that computing the metrics,
+        drawing the images and writing the events overlap the next steps' compute and communication
+        instead of holding the other ranks at the next collective. The records hold only the step's
+        Gram matrices (fresh BucketInfo objects each step), so nothing is shared with training."""
+        self._raise_failures()
+        if not self.background:
+            work(*args)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conflict-monitor", initializer=_lower_priority)
+        self._pending.append(self._pool.submit(work, *args))
+
+    def _raise_failures(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()  # re-raises what failed on the writer thread
+
+    def wait(self) -> None:
+        """Block until everything handed to the writer thread is written; re-raise its first failure."""
+        for future in self._pending:
+            future.result()
+        self._pending = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            # During fit Lightning logs validation at the step count before this step's increment.
+            fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"
+            self._mirror(trainer, pl_module, "val", trainer.global_step - 1 if fitting else trainer.global_step)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._mirror(trainer, pl_module, "test", trainer.global_step)
+
+    def _mirror_training_metrics(self, trainer: pl.Trainer, pl_module) -> None:
+        # The steps Lightning's own logger writes: step s (counted from 0) when (s + 1) % log_every_n_steps == 0.
+        step = trainer.global_step - 1
+        every = trainer.log_every_n_steps
+        if step > self._last_mirrored and every and (step + 1) % every == 0:
+            self._last_mirrored = step
+            self._mirror(trainer, pl_module, "train", step)
+
+    def _mirror(self, trainer: pl.Trainer, pl_module, stage: str, step: int) -> None:
+        """The module's ``<stage>/<metric>_<language>`` values into the language runs as ``<stage>/<metric>``."""
+        per_language = split_by_language(trainer.callback_metrics, stage, known_languages(trainer, pl_module))
+        if per_language:
+            self._submit(self._write_mirror, per_language, step)
+
+    def _write_mirror(self, per_language: dict[str, dict[str, float]], step: int) -> None:
+        for language, values in per_language.items():
+            writer = self.runs[language_run(language)]
+            for key, value in values.items():
+                writer.add_scalar(f"by_language/{key.replace('/', '_')}", value, step)  # val/bpb → by_language/val_bpb
+        self.runs.flush()
 
 
-def in_model_order(buckets: list[BucketInfo], param_names: list[str]) -> list[BucketInfo]:
-    """Buckets sorted by where their first parameter sits in ``param_names`` (``named_parameters()``
-    order): DeepSpeed reduces in roughly backward order, the heatmap reads from the embeddings down.
-    Buckets of unknown parameters go last, by reduction order."""
-    position = {name: i for i, name in enumerate(param_names)}
+def _lower_priority() -> None:
+    """Nice the writer thread (Linux: a thread is its own task), so that on a machine whose cores are
+    all busy training, the scheduler gives the ranks' compute precedence."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the thread runs at normal priority
+        pass
 
-    def key(bucket: BucketInfo) -> tuple[int, int]:
-        known = [position[p.name] for p in bucket.params if p.name in position]
-        return (min(known) if known else len(position), bucket.index)
 
-    return sorted(buckets, key=key)
+def known_languages(trainer: pl.Trainer, pl_module) -> list[str]:
+    """Training languages (the strategy's) and evaluation languages (the module's ``kinds``)."""
+    languages = getattr(trainer.strategy, "languages", None)
+    names = [str(x) for x in languages] if isinstance(languages, (list, tuple)) else []
+    names += [str(x) for x in getattr(pl_module, "kinds", {}) or {} if str(x) not in names]
+    return names
+
+
+def split_by_language(values, stage: str, languages: list[str]) -> dict[str, dict[str, float]]:
+    """``{"train/loss_deu": v}`` → ``{"deu": {"train/loss": v}}`` for known languages (longest name first,
+    so ``eng_Latn`` is not read as a language ``Latn``); other keys are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in values.items():
+        if not key.startswith(f"{stage}/"):
+            continue
+        for language in sorted(languages, key=len, reverse=True):
+            if key.endswith(f"_{language}") and len(key) > len(stage) + len(language) + 2:
+                out.setdefault(language, {})[key[: -len(language) - 1]] = float(value)
+                break
+    return out
 
 
 def language_names(strategy, num_languages: int) -> list[str]:
@@ -134,116 +294,30 @@ def language_names(strategy, num_languages: int) -> list[str]:
     return [f"lang{t}" for t in range(num_languages)]
 
 
-def _group_scalars(prefix: str, pieces: list[metrics.Piece], names: list[str]) -> dict[str, float]:
-    gram = metrics.sum_grams(p.gram for p in pieces)
-    out = {
-        f"{prefix}/cosine_mean": metrics.mean_cosine(gram),
-        f"{prefix}/cosine_min": metrics.min_cosine(gram),
-        f"{prefix}/conflict_ratio": metrics.conflict_ratio(gram),
-    }
-    for name, norm, weight in zip(names, metrics.grad_norms(gram).tolist(), metrics.mean_weights(pieces).tolist()):
-        out[f"{prefix}/grad_norm/{name}"] = norm
-        out[f"{prefix}/weight/{name}"] = weight
-    return out
-
-
-def conflict_scalars(buckets: list[BucketInfo], names: list[str]) -> dict[str, float]:
-    """Every scalar ConflictMonitor logs for one step, by tag."""
-    grams = [b.gram for b in buckets]
-    total = metrics.sum_grams(grams)
-    out = _group_scalars("conflict/global", [metrics.Piece.of_bucket(b) for b in buckets], names)
-    pair_cos = metrics.pairwise_cosines(total).tolist()
-    for (i, j), c in zip(metrics.language_pairs(len(names)), pair_cos):
-        out[f"conflict/global/cosine/{names[i]}_{names[j]}"] = c
-    out["conflict/global/gap_global"] = metrics.stationarity_gap(total)
-    out["conflict/global/gap_bucket_sum"] = metrics.bucket_level_gap(grams)
-    for by in ("kind", "layer"):
-        for group, pieces in metrics.group_pieces(buckets, by).items():
-            out.update(_group_scalars(f"conflict/{group}", pieces, names))
-    for b in buckets:
-        out.update(_group_scalars(f"conflict/bucket_{b.index}", [metrics.Piece.of_bucket(b)], names))
-        out[f"conflict/bucket_{b.index}/gap"] = metrics.stationarity_gap(b.gram)
-    return out
-
-
 def custom_scalars_layout() -> dict:
-    """TensorBoard custom-scalars layout (category → chart → ["Multiline", [tag regexes]])."""
+    """TensorBoard custom-scalars layout (category → chart → ["Multiline", [tag regexes]]). A chart shows
+    each matching tag of every run: the per-language tags once per language run, in its colour."""
     layout = {
+        "languages": {
+            "training loss (mean and per language)": ["Multiline", [r"train/loss$", r"by_language/train_loss$"]],
+            "solver weight per language (whole model)": ["Multiline", [r"by_language/solver_weight$"]],
+            "progress: loss decrease per unit step along the update": ["Multiline", [r"by_language/progress$"]],
+            "gradient norm per language": ["Multiline", [r"by_language/grad_norm$"]],
+            "validation bits per byte": ["Multiline", [r"by_language/val_bpb$"]],
+            "loss weight (loss-based weightings)": ["Multiline", [r"by_language/train_loss_weight$"]],
+        },
         "conflict: whole model": {
             "pairwise cosine (mean, min)": ["Multiline", [r"conflict/global/cosine_(mean|min)"]],
-            "cosine per language pair": ["Multiline", [r"conflict/global/cosine/.*"]],
+            "cosine per language pair": ["Multiline", [r"by_pair/cosine$"]],
             "conflict ratio": ["Multiline", [r"conflict/global/conflict_ratio"]],
-            "gradient norm per language": ["Multiline", [r"conflict/global/grad_norm/.*"]],
-            "solver weight per language": ["Multiline", [r"conflict/global/weight/.*"]],
             "stationarity gaps (global, bucket sum)": ["Multiline", [r"conflict/global/gap_.*"]],
-        }
+            "norm of the applied direction": ["Multiline", [r"conflict/global/direction_norm"]],
+        },
     }
-    groups = {"module kinds": f"({_KINDS})", "layers": r"layer_[^/]+", "buckets": r"bucket_\d+"}
+    groups = {"module kinds": f"({_KINDS})", "layers": r"layers?_[^/]+", "buckets": r"bucket_\d+"}
     for title, pattern in groups.items():
         layout[f"conflict: {title}"] = {
-            chart: ["Multiline", [rf"conflict/{pattern}/{scalar}$"]] for chart, scalar in _GROUP_CHARTS.items()
+            title: ["Multiline", [rf"conflict/{pattern}/{scalar}$"]] for title, scalar in _GROUP_CHARTS.items()
         }
     layout["conflict: buckets"]["stationarity gap"] = ["Multiline", [r"conflict/bucket_\d+/gap$"]]
     return layout
-
-
-def _short(name: str) -> str:
-    # Wrappers repeat "model." (LightningModule.model → HF .model); the kind and layer are what matter.
-    while name.startswith("model."):
-        name = name[len("model.") :]
-    return name.removesuffix(".weight")
-
-
-def _bucket_label(bucket: BucketInfo) -> str:
-    first, last = _short(bucket.params[0].name), _short(bucket.params[-1].name)
-    span = first if len(bucket.params) == 1 else f"{first} … {last} ({len(bucket.params)} params)"
-    return f"bucket {bucket.index}: {span}"
-
-
-def bucket_pair_figure(buckets: list[BucketInfo], names: list[str]):
-    """Heatmap: one row per bucket (in the given order), one column per language pair, colour = cosine."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on training nodes
-    import matplotlib.pyplot as plt
-
-    pairs = metrics.language_pairs(len(names))
-    values = [metrics.pairwise_cosines(b.gram).tolist() for b in buckets]
-    # Room for the row labels (parameter names) on the left, then ~0.6 inch per language pair.
-    fig, ax = plt.subplots(figsize=(5.5 + 0.6 * len(pairs), 1.8 + 0.3 * len(buckets)), dpi=100)
-    # Gradients of high-dimensional blocks are often nearly orthogonal (|cos| ≪ 1): a symmetric
-    # scale fitted to the data keeps that visible, and zero stays white.
-    lim = max(0.05, max((abs(v) for row in values for v in row), default=0.0))
-    image = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(pairs)), [f"{names[i]}–{names[j]}" for i, j in pairs], rotation=45, ha="right")
-    ax.set_yticks(range(len(buckets)), [_bucket_label(b) for b in buckets], fontsize=7)
-    if len(buckets) * len(pairs) <= 200:  # small enough to print each value in its cell
-        for r, row in enumerate(values):
-            for c, value in enumerate(row):
-                ax.text(c, r, f"{value:+.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xlabel("language pair")
-    ax.set_title("gradient cosine per bucket (red = conflict)")
-    fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    return fig
-
-
-def language_cosine_figure(cos: Tensor, names: list[str]):
-    """The T×T cosine matrix of the whole model's gradients, values written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    T = len(names)
-    fig, ax = plt.subplots(figsize=(1.8 + 0.6 * T, 1.4 + 0.6 * T), dpi=100)
-    image = ax.imshow(cos.tolist(), cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(T), names, rotation=45, ha="right")
-    ax.set_yticks(range(T), names)
-    for i in range(T):
-        for j in range(T):
-            ax.text(j, i, f"{float(cos[i, j]):+.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title("whole-model gradient cosine")
-    fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    return fig

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_moo.callbacks import ConflictMonitor
-from lightning_moo.callbacks.conflict_monitor import bucket_pair_figure, in_model_order, language_cosine_figure, language_names
+from lightning_moo.callbacks.conflict_figures import bucket_pair_figure, language_cosine_figure
+from lightning_moo.callbacks.conflict_monitor import in_model_order, language_names
 from lightning_moo import metrics
 from lightning_moo.solvers import MGDA
 from lightning_moo.strategies import BucketMOOStrategy

@@ -62,6 +62,8 @@ def read_scalars(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], d
 
     events: dict[str, list] = {}
     for folder in sorted({p.parent for p in directory.rglob("events.out.tfevents.*")}):
+        if folder.parent.name in ("language", "pair"):
+            continue  # ConflictMonitor's per-language and per-pair runs share tags across languages
         accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:

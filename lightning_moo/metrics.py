@@ -182,3 +182,24 @@ def mean_weights(pieces: Sequence[Piece]) -> Tensor:
     numel = torch.tensor([float(p.numel) for p in pieces], dtype=torch.float64)
     weights = torch.stack([p.weights.to(torch.float64) for p in pieces])
     return (numel[:, None] * weights).sum(0) / numel.sum()
+
+
+def direction_progress(pieces: Sequence[Piece]) -> tuple[float, Tensor]:
+    """‖d‖ and each language's first-order loss decrease per unit step along the applied direction.
+
+    Piece b applies d_b = Σ_t w_b,t g_b,t, so with d = Σ_b d_b the inner products add up over pieces:
+    ⟨g_t, d⟩ = Σ_b (G_b w_b)_t and ‖d‖² = Σ_b w_bᵀ G_b w_b. ``progress[t]`` = ⟨g_t, d⟩ / ‖d‖ is the rate at
+    which language t's loss falls per unit length of the step (its gradient norm times cos(g_t, d));
+    negative means the update raises that language's loss to first order. Zero when d = 0.
+    """
+    if not pieces:
+        raise ValueError("no pieces to combine")
+    along = torch.zeros(pieces[0].gram.shape[0], dtype=torch.float64)
+    squared = 0.0
+    for p in pieces:
+        g, w = p.gram.to("cpu", torch.float64), p.weights.to("cpu", torch.float64)
+        gw = g @ w
+        along += gw
+        squared += float(w @ gw)
+    norm = max(squared, 0.0) ** 0.5
+    return norm, (along / norm if norm > 0 else torch.zeros_like(along))

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -21,3 +23,12 @@ def test_solver_speed_times_every_registered_solver(tmp_path):
     text = out.read_text()
     timed = [line.split("|")[1].split("(")[0].strip() for line in text.splitlines() if line.startswith("| ")]
     assert {cls.__name__ for cls in BUILTIN} - {"Sum"} <= set(timed)  # Sum costs what Mean does
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_monitor_overhead_trains_the_demo_with_and_without_the_monitor(tmp_path):
+    out = tmp_path / "monitor.md"
+    load("monitor_overhead").main(["--repeats", "1", "--steps", "6", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| with")]
+    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)

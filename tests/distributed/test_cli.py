@@ -88,6 +88,7 @@ TEXTS = {
 ANALYSIS = [
     {"class_path": "lightning_moo.callbacks.Silhouette", "init_args": {"texts": TEXTS, "run_at": ["fit_end"]}},
     {"class_path": "lightning_moo.callbacks.NeuronSpecificity", "init_args": {"texts": TEXTS, "run_at": ["fit_end"], "top_share": 0.1}},
+    {"class_path": "lightning_moo.callbacks.ConflictMonitor", "init_args": {"log_every_n_steps": 1, "image_every_n_steps": 100}},
 ]
 
 
@@ -113,6 +114,19 @@ def test_fit_logs_every_language_and_validates_seen_and_unseen(straight):
     # The analysis callbacks ran on rank zero of a 2-rank run without hanging the other rank.
     assert "silhouette/cosine/layer_0" in logged
     assert list((out / "logs" / "straight" / "version_0" / "language_neurons").glob("step_*.pt"))
+
+
+def test_the_monitor_mirrors_each_languages_losses_into_its_own_run_at_the_same_steps(straight):
+    out, _ = straight
+    version = out / "logs" / "straight" / "version_0"
+    logged = scalars(version)
+    for language in LANGUAGES:
+        run = scalars(version / "language" / language)
+        assert run["by_language/train_loss"] == pytest.approx(logged[f"train/loss_{language}"], rel=1e-6)
+        assert run["by_language/val_bpb"] == pytest.approx(logged[f"val/bpb_{language}"], rel=1e-6)
+        assert sorted(run["by_language/solver_weight"]) == list(range(STEPS))
+    unseen = scalars(version / "language" / "fra")  # an evaluation-only language gets a run too
+    assert unseen == {"by_language/val_bpb": pytest.approx(logged["val/bpb_fra"], rel=1e-6)}
 
 
 def test_validate_from_checkpoint_reproduces_the_in_run_validation(straight):
