@@ -2,7 +2,7 @@
 whether the model has 4 buckets or 160.
 
 Rows are buckets in model order (embeddings at the top, head at the bottom), grouped by the
-transformer block of their first parameter: with many buckets a row is a few pixels high, so the
+transformer block holding most of their elements: with many buckets a row is a few pixels high, so the
 labels name the blocks (``L0`` … ``L31``, ``embeddings``, ``head``) and thin lines separate them;
 each bucket gets its own label (``#index block kinds``) only when there is room for it. Values are
 written into cells only where a cell is large enough to hold them.
@@ -172,7 +172,7 @@ def layer_profile_figure(buckets: Sequence[BucketInfo], names: Sequence[str]):
     top = fig.add_axes((0.1, 0.56, 0.87, 0.37))
     bottom = fig.add_axes((0.1, 0.1, 0.87, 0.37), sharex=top)
     groups = metrics.group_pieces(buckets, "layer")
-    layers = sorted((int(g.removeprefix("layer_")), pieces) for g, pieces in groups.items() if g.removeprefix("layer_").isdigit())
+    layers = sorted((metrics.block_index(g), pieces) for g, pieces in groups.items() if metrics.block_index(g) is not None)
     top.set_title("gradient conflict and solver weights per transformer block", fontsize=10)
     if not layers:
         top.text(0.5, 0.5, "no transformer blocks in the parameter names", ha="center", transform=top.transAxes)

@@ -175,13 +175,13 @@ class ConflictMonitor(pl.Callback):
             return
         current = [b for b in sorted(buckets.values(), key=lambda b: b.index) if b.step == step]
         names = language_names(trainer.strategy, current[0].gram.shape[0])
+        self._submit(self._write_step, current, names, step, log_scalars, log_images)
+
+    def _write_step(self, current: list[BucketInfo], names: list[str], step: int, log_scalars: bool, log_images: bool) -> None:
+        # The bucket × step history lives on the writer thread alone (one worker: steps arrive in order).
         self._bucket_cosines[step] = {b.index: metrics.mean_cosine(b.gram) for b in current}
         for old in sorted(self._bucket_cosines)[: -self.history]:
             del self._bucket_cosines[old]
-        history = dict(self._bucket_cosines) if log_images else None
-        self._submit(self._write_step, current, names, step, log_scalars, history)
-
-    def _write_step(self, current: list[BucketInfo], names: list[str], step: int, log_scalars: bool, history) -> None:
         if log_scalars:
             records = conflict_records(current, names, self.limits)
             for run, tags in records.scalars.items():
@@ -192,8 +192,8 @@ class ConflictMonitor(pl.Callback):
                 writer = self.runs[run]
                 for tag, values in tags.items():
                     writer.add_histogram(tag, values, step)
-        if history is not None:
-            for name, figure in draw_images(current, names, self._param_names, history).items():
+        if log_images:
+            for name, figure in draw_images(current, names, self._param_names, self._bucket_cosines).items():
                 self.runs[""].add_image(f"conflict/images/{name}", figure_pixels(figure), step, dataformats="HWC")
         self.runs.flush()
 
@@ -243,7 +243,8 @@ class ConflictMonitor(pl.Callback):
             self._mirror(trainer, pl_module, "train", step)
 
     def _mirror(self, trainer: pl.Trainer, pl_module, stage: str, step: int) -> None:
-        """The module's ``<stage>/<metric>_<language>`` values into the language runs as ``<stage>/<metric>``."""
+        """The module's ``<stage>/<metric>_<language>`` values into the language runs as
+        ``by_language/<stage>_<metric>``."""
         per_language = split_by_language(trainer.callback_metrics, stage, known_languages(trainer, pl_module))
         if per_language:
             self._submit(self._write_mirror, per_language, step)
@@ -277,10 +278,11 @@ def split_by_language(values, stage: str, languages: list[str]) -> dict[str, dic
     """``{"train/loss_deu": v}`` → ``{"deu": {"train/loss": v}}`` for known languages (longest name first,
     so ``eng_Latn`` is not read as a language ``Latn``); other keys are left out."""
     out: dict[str, dict[str, float]] = {}
+    longest_first = sorted(languages, key=len, reverse=True)
     for key, value in values.items():
         if not key.startswith(f"{stage}/"):
             continue
-        for language in sorted(languages, key=len, reverse=True):
+        for language in longest_first:
             if key.endswith(f"_{language}") and len(key) > len(stage) + len(language) + 2:
                 out.setdefault(language, {})[key[: -len(language) - 1]] = float(value)
                 break

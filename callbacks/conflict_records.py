@@ -132,11 +132,6 @@ def layer_group_names(layers: Sequence[int], num_groups: int) -> dict[int, str]:
     return names
 
 
-def _layer_index(group: str) -> int | None:
-    suffix = group.removeprefix("layer_")
-    return int(suffix) if suffix.isdigit() else None
-
-
 def conflict_records(buckets: list[BucketInfo], names: list[str], limits: Limits = Limits()) -> Records:
     """Everything ConflictMonitor logs as scalars and histograms for one step (``buckets`` of that step)."""
     records = Records()
@@ -158,15 +153,15 @@ def conflict_records(buckets: list[BucketInfo], names: list[str], limits: Limits
         _group(records, f"conflict/{kind}", pieces, names)
 
     by_layer = metrics.group_pieces(buckets, "layer")
-    blocks = {group: pieces for group, pieces in by_layer.items() if _layer_index(group) is not None}
+    blocks = {metrics.block_index(group): pieces for group, pieces in by_layer.items() if metrics.block_index(group) is not None}
     for group, pieces in by_layer.items():
-        if group not in blocks or len(blocks) <= limits.max_layer_scalars:
+        if metrics.block_index(group) is None or len(blocks) <= limits.max_layer_scalars:
             _group(records, f"conflict/{group}", pieces, names)
     if len(blocks) > limits.max_layer_scalars:
         grouped: dict[str, list[metrics.Piece]] = {}
-        group_of = layer_group_names([_layer_index(g) for g in blocks], limits.layer_groups)
-        for group, pieces in sorted(blocks.items(), key=lambda item: _layer_index(item[0])):
-            grouped.setdefault(group_of[_layer_index(group)], []).extend(pieces)
+        group_of = layer_group_names(list(blocks), limits.layer_groups)
+        for block, pieces in sorted(blocks.items()):
+            grouped.setdefault(group_of[block], []).extend(pieces)
         for group, pieces in grouped.items():
             _group(records, f"conflict/{group}", pieces, names)
         _histograms(records, "conflict/layers", list(blocks.values()), names)

@@ -176,6 +176,13 @@ def group_pieces(buckets: Iterable[BucketInfo], by: str) -> dict[str, list[Piece
     return groups
 
 
+def block_index(group: str) -> int | None:
+    """The transformer block of a :func:`group_pieces` layer group (``"layer_3"`` → 3); None for
+    ``layer_none``, ``layer_mixed`` and module-kind groups."""
+    suffix = group.removeprefix("layer_")
+    return int(suffix) if suffix.isdigit() else None
+
+
 def mean_weights(pieces: Sequence[Piece]) -> Tensor:
     """The solver's weights averaged over pieces, each counted by its number of elements:
     the weight language t has on an average parameter element of the group."""
