@@ -21,6 +21,7 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import LlamaForCausalLM, get_scheduler
 
+from .adapters import TRAINABLE, check_trainable, drop_frozen, trainable_names, with_adapter
 from .hf import BYTES, load_causal_lm, load_tokenizer
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -56,6 +57,11 @@ class MultilingualLM(LightningModule):
         gradient_checkpointing: recompute activations in backward (Hugging Face's).
         dtype: load the weights in this dtype (e.g. ``bfloat16``: an 8B model then takes 16 GB of host
             memory per rank while loading instead of 32 GB); training precision is the Trainer's.
+        peft: train a PEFT adapter instead of the whole model: the fields of a ``peft.LoraConfig``
+            (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ...), or of another adapter
+            with ``peft_type`` (e.g. ``IA3``). Only the adapter's parameters are trained, so only they
+            form gradient buckets, and checkpoints hold only them (the frozen base is rebuilt from
+            ``pretrained`` or the seed). Needs ``pip install lightning-moo[peft]``.
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class MultilingualLM(LightningModule):
         schedule: str = "cosine",
         gradient_checkpointing: bool = False,
         dtype: Optional[str] = None,
+        peft: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
@@ -91,6 +98,10 @@ class MultilingualLM(LightningModule):
         self.model.train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if peft is not None:
+            self.model = with_adapter(self.model, peft)
+            # Frozen weights are left out of checkpoints; loading them back must not ask for them.
+            self.strict_loading = False
         self.languages: list[str] = []
         self.kinds: dict[str, str] = {}
         self.labels: Optional[list[str]] = None
@@ -106,6 +117,9 @@ class MultilingualLM(LightningModule):
         self.languages = list(data.eval_languages)
         self.kinds = {language: data.language_kind(language) for language in self.languages}
         self.labels = list(data.labels) if data.labels else None
+        if self.hparams.peft is not None and hasattr(self.trainer.strategy, "exclude_frozen_parameters"):
+            # DeepSpeed: its checkpoints then hold the adapter, not a copy of the frozen base.
+            self.trainer.strategy.exclude_frozen_parameters = True
         if not hasattr(self, "metrics"):
             # Sums, not means: each rank sees a disjoint shard of every language, and torchmetrics
             # adds the shards up across ranks at compute().
@@ -120,9 +134,19 @@ class MultilingualLM(LightningModule):
             per_language[language] = nn.ModuleDict(metrics)
         return nn.ModuleDict(per_language)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TRAINABLE] = trainable_names(self)
+        if self.hparams.peft is not None and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = drop_frozen(checkpoint["state_dict"], self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TRAINABLE in checkpoint:
+            check_trainable(checkpoint[TRAINABLE], self)
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
         scheduler = get_scheduler(names[hp.schedule], optimizer, num_warmup_steps=hp.warmup_steps, num_training_steps=int(total))

@@ -16,6 +16,7 @@ from ..reducer import BucketReducer
 from ..solvers import Mean, MOOSolver, Sum, resolve_solver
 from .. import _compat
 from .deepspeed import StockDeepSpeedStrategy
+from .bucket_count import bucket_numel_for, warn_if_few_buckets
 from .language_losses import LanguageLosses
 from .solver_state import SolverStateInCheckpoints
 from .zero_hook import ZeroBucketHook
@@ -54,6 +55,10 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             default the model's device (m - 1 extra gradient copies there). ``"cpu"`` keeps them in
             host memory and moves one bucket's worth at a time to the device: device memory then
             grows by m - 1 buckets instead of m - 1 models, at the cost of host-device copies.
+        target_buckets: about this many buckets per step: ``reduce_bucket_size`` becomes the
+            trainable parameter count divided by it (replacing any ``reduce_bucket_size`` given). For
+            LoRA, whose gradients fit one default-sized bucket even for a 70B model. A run with fewer
+            than 4 buckets per step is warned about after its first step.
         **kwargs: everything Lightning's ``DeepSpeedStrategy`` takes (``stage``, ``config``, ...).
     """
 
@@ -64,9 +69,12 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         mode: Mode = "bucket",
         languages: Union[int, list[str], None] = None,
         stash_device: Optional[str] = None,
+        target_buckets: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if target_buckets is not None and mode != "bucket":
+            raise ValueError(f"target_buckets sizes the buckets of mode='bucket'; mode={mode!r} solves the whole model at once")
         if mode not in ("bucket", "global", "global_two_pass"):
             raise ValueError(f"mode must be 'bucket', 'global' or 'global_two_pass', got {mode!r}")
         self.solver = resolve_solver(solver)
@@ -74,6 +82,8 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         self.mode = mode
         self.languages = languages
         self.stash_device = stash_device
+        self.target_buckets = target_buckets
+        self._bucket_count_checked = False
         self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[ZeroBucketHook] = None
         self.global_info: Optional[BucketInfo] = None
@@ -128,6 +138,8 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             assert self.lightning_module is not None
             numel = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
             self.config["zero_optimization"]["reduce_bucket_size"] = numel
+        if self.target_buckets is not None:
+            self.config["zero_optimization"]["reduce_bucket_size"] = bucket_numel_for(self.lightning_module, self.target_buckets)
         super().init_deepspeed()
         trainer = self.lightning_module.trainer
         if not (trainer and trainer.training):
@@ -145,6 +157,11 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        if self.hook is not None and self.mode == "bucket" and self.hook.buckets and not self._bucket_count_checked:
+            # The first step's buckets are known now; accumulation reduces the same ones per micro-step.
+            self._bucket_count_checked = True
+            size = self.config["zero_optimization"].get("reduce_bucket_size")
+            warn_if_few_buckets(len(self.hook.buckets), self.lightning_module, f"reduce_bucket_size={size}")
         if self.hook is not None:
             self.hook.start_step(self.lightning_module.trainer.global_step)
 

@@ -18,6 +18,7 @@ from ..layout import LanguageLayout
 from ..reducer import BucketReducer
 from ..solvers import MOOSolver, resolve_solver
 from .. import _compat
+from .bucket_count import bucket_numel_for, warn_if_few_buckets
 from .language_losses import LanguageLosses
 from .solver_state import SolverStateInCheckpoints
 
@@ -106,6 +107,9 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy
             combined slices: the volume of DDP's all-reduce) or ``"allgather"`` (every rank gathers
             every language's bucket; the reference).
         languages: number of languages (or their names); must equal the world size.
+        target_buckets: about this many buckets per step: ``bucket_cap_mb`` becomes the trainable
+            parameters' size divided by it (replacing any ``bucket_cap_mb`` given). A run with fewer
+            than 4 buckets per step is warned about after its first rebuilt step.
         **kwargs: everything Lightning's ``DDPStrategy`` takes (``bucket_cap_mb``,
             ``find_unused_parameters``, ``gradient_as_bucket_view``, ``static_graph``, ...) except
             its own comm hooks and model averaging.
@@ -116,6 +120,7 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy
         solver: Optional[MOOSolver] = None,
         exchange: Literal["sharded", "allgather"] = "sharded",
         languages: Union[int, list[str], None] = None,
+        target_buckets: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         conflicting = [name for name in _CONFLICTING if kwargs.get(name) is not None]
@@ -128,6 +133,8 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy
         self.solver = resolve_solver(solver)
         self.exchange = make_exchange(exchange)
         self.languages = languages
+        self.target_buckets = target_buckets
+        self._bucket_count_checked = False
         self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[DDPBucketHook] = None
         self._init_language_losses()
@@ -150,6 +157,12 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy
             )
         self.layout = LanguageLayout.build(self.languages, self.world_size)
         super().setup_distributed()
+
+    def _setup_model(self, model):
+        if self.target_buckets is not None:
+            element_size = next(p for p in model.parameters() if p.requires_grad).element_size()
+            self._ddp_kwargs["bucket_cap_mb"] = bucket_numel_for(model, self.target_buckets) * element_size / 2**20
+        return super()._setup_model(model)
 
     def _register_ddp_hooks(self) -> None:
         # Lightning registers comm hooks on CUDA only; DDP runs them on gloo as well.
@@ -176,5 +189,10 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        # DDP's first step is one bucket (see above); its rebuilt buckets are known after the second.
+        if self.hook is not None and self.lightning_module.trainer.global_step >= 2 and not self._bucket_count_checked:
+            self._bucket_count_checked = True
+            cap = self._ddp_kwargs.get("bucket_cap_mb", 25)
+            warn_if_few_buckets(len(self.hook.buckets), self.lightning_module, f"bucket_cap_mb={cap}")
         if self.hook is not None:
             self.hook.start_step(self.lightning_module.trainer.global_step)
