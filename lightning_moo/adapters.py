@@ -6,8 +6,10 @@ adapter is asked for.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 # The key under which a checkpoint lists the parameters it trained (a resume checks it).
@@ -65,3 +67,15 @@ def check_trainable(saved: list[str], module: nn.Module) -> None:
         f"({len(saved)} saved, {len(current)} now; not in the checkpoint: {missing[:3]}, only in the checkpoint: "
         f"{extra[:3]}). Resume with the model.peft (and model) settings the checkpoint was trained with."
     )
+
+
+def check_deepspeed_checkpoint(path: Any, module: nn.Module) -> None:
+    """``check_trainable`` for a DeepSpeed checkpoint directory, before DeepSpeed loads it (whose own
+    error for a different set of parameters is about "parameter-alignment layout"). Memory-mapped:
+    the weights are not read."""
+    states = Path(path) / "checkpoint" / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        return  # DeepSpeed names what is missing
+    saved = torch.load(states, map_location="cpu", mmap=True, weights_only=False).get(TRAINABLE)
+    if saved is not None:
+        check_trainable(saved, module)

@@ -3,6 +3,10 @@
     lightning-moo fit --config configs/demo.yaml
     lightning-moo fit --config configs/demo.yaml --strategy.solver=cagrad --strategy.solver.c=0.4
     lightning-moo validate --config configs/demo.yaml --ckpt_path <run>/checkpoints/last.ckpt
+    lightning-moo export --config configs/demo.yaml --ckpt_path <run>/checkpoints/last.ckpt --out hf/
+
+``export`` (``lightning_moo.export``) writes a checkpoint as a Hugging Face model directory; the
+other subcommands are LightningCLI's.
 
 The strategy is a top-level ``strategy:`` section (any Lightning ``Strategy``; default
 ``BucketMOOStrategy`` with MGDA), so that its solver is one flag away. Its ``languages`` default to
@@ -41,6 +45,11 @@ from .solvers import solver_class_path
 from .tensorboard import output_dir
 
 DEFAULT_STRATEGY = {"class_path": "lightning_moo.strategies.BucketMOOStrategy"}
+DESCRIPTION = (
+    "lightning-moo: multilingual fine-tuning with bucket-level MOO. Subcommands: fit, validate, test, "
+    "predict (Lightning's), and export: a checkpoint as a Hugging Face model directory or PEFT adapter "
+    "(lightning-moo export --help)."
+)
 
 # --- solvers by name: registered names become class paths before jsonargparse resolves them ----
 
@@ -244,12 +253,20 @@ QUIET = (
 def main(args: Any = None) -> None:
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
+    argv = sys.argv[1:] if args is None else args
+    # export is not a Trainer method: it is dispatched before LightningCLI parses the command line.
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["export"]:
+        from .export import main as export_main
+
+        export_main(list(argv[1:]))
+        return
     MOOCLI(
         MultilingualLM,
         MultilingualDataModule,
         # Each rank reads its own language; Lightning must not re-shard the samplers.
         trainer_defaults={"use_distributed_sampler": False},
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
     )
 

@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.nn import Module
 
 from .. import _compat
+from ..adapters import check_deepspeed_checkpoint
 
 
 class StockDeepSpeedStrategy(DeepSpeedStrategy):
@@ -54,6 +55,12 @@ class StockDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, ds_optimizer
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        # An adapter checkpoint resumed with another adapter config fails here with the fix, not
+        # inside DeepSpeed's optimizer-state loading.
+        check_deepspeed_checkpoint(checkpoint_path, self.lightning_module)
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def _initialize_deepspeed_inference(self, model: Module) -> None:
         if self.root_device.index is not None:

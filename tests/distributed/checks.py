@@ -14,13 +14,15 @@ def load(net: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.nn.Modu
     return net
 
 
-def language_grads(params: dict[str, torch.Tensor], language: int, step: int, replicas: int = 1) -> dict[str, torch.Tensor]:
-    """Language ``language``'s full gradient at ``params`` on its batch of ``step``; with
-    ``replicas`` k, the mean over the batches of the language's k ranks."""
-    net = load(make_net(), params)
+def language_grads(params: dict[str, torch.Tensor], language: int, step: int, replicas: int = 1,
+                   lora: bool = False) -> dict[str, torch.Tensor]:
+    """Language ``language``'s gradient of the trainable parameters at ``params`` on its batch of
+    ``step``; with ``replicas`` k, the mean over the batches of the language's k ranks."""
+    net = load(make_net(lora), params)
     loss = sum(loss_fn(net, language, step, j) for j in range(replicas)) / replicas
-    grads = torch.autograd.grad(loss, list(net.parameters()))
-    return {f"net.{n}": g for (n, _), g in zip(net.named_parameters(), grads)}
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in trainable])
+    return {f"net.{n}": g for (n, _), g in zip(trainable, grads)}
 
 
 def single_language_sgd(language: int, steps: int, lr: float, clip: float | None = None) -> dict[str, torch.Tensor]:

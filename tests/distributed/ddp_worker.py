@@ -34,7 +34,8 @@ def make_strategy(spec: dict):
         return DDPStrategy(**ddp)
     if kind == "ddp":
         return BucketMOODDPStrategy(
-            solver=worker.make_solver(spec["solver"]), exchange=spec.get("exchange", "sharded"), languages=spec.get("languages"), **ddp
+            solver=worker.make_solver(spec["solver"]), exchange=spec.get("exchange", "sharded"), languages=spec.get("languages"),
+            target_buckets=spec.get("target_buckets"), **ddp
         )
     return _deepspeed_strategy(spec)
 

@@ -54,7 +54,7 @@ def config(out: Path, run: str, extra_callbacks=(), devices: int = 2) -> Path:
     return path
 
 
-def cli(*args: str, expect_kill: bool = False) -> subprocess.CompletedProcess:
+def cli(*args: str, expect_kill: bool = False, expect_fail: bool = False) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")]))
     # A new session, so that a hang or a killed rank zero never leaves its peer rank behind.
@@ -69,6 +69,8 @@ def cli(*args: str, expect_kill: bool = False) -> subprocess.CompletedProcess:
             pass
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, output[-4000:]
+    elif expect_fail:
+        assert proc.returncode > 0, output[-4000:]
     else:
         assert proc.returncode == 0, output[-4000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, output)

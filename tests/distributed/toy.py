@@ -13,9 +13,22 @@ from torch import nn
 IN, HIDDEN, OUT, BATCH = 8, 32, 4, 16
 
 
-def make_net() -> nn.Module:
+def make_net(lora: bool = False) -> nn.Module:
+    """The toy net; with ``lora`` its three linear layers are frozen and carry rank-2 LoRA adapters
+    (peft's own layers), whose B matrices start random so that every adapter weight gets a gradient
+    from the first step (peft starts B at zero: A's gradient would be zero at step 0)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    if not lora:
+        return net
+    from peft import LoraConfig, inject_adapter_in_model
+
+    net = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2", "4"]), net)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return net
 
 
 def batch(language: int, step: int, replica: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +52,10 @@ def loss_fn(net: nn.Module, language: int, step: int, replica: int = 0) -> torch
 class ToyModule(pl.LightningModule):
     """Rank r trains language r; micro-batch ``i`` of the run is ``batch(r, i)``."""
 
-    def __init__(self, language: int | list[int], optimizer: str = "sgd", lr: float = 0.1, replica: int = 0) -> None:
+    def __init__(self, language: int | list[int], optimizer: str = "sgd", lr: float = 0.1, replica: int = 0,
+                 lora: bool = False) -> None:
         super().__init__()
-        self.net = make_net()
+        self.net = make_net(lora)
         self.language, self.optimizer_name, self.lr, self.replica = language, optimizer, lr, replica
 
     def training_step(self, _, batch_idx):
@@ -58,13 +72,14 @@ class ToyModule(pl.LightningModule):
 
     def loss(self, language: int, micro_step: int) -> torch.Tensor:
         x, y = batch(language, micro_step, self.replica)
-        dtype = self.net[0].weight.dtype  # bf16 when DeepSpeed runs the model in bf16
+        dtype = next(self.net.parameters()).dtype  # bf16 when DeepSpeed runs the model in bf16
         return nn.functional.mse_loss(self.net(x.to(dtype)).float(), y)
 
     def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+            return torch.optim.Adam(trainable, lr=self.lr)
+        return torch.optim.SGD(trainable, lr=self.lr)
 
 
 def named_params(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -75,13 +75,14 @@ def make_strategy(spec: dict):
         mode=spec.get("mode", "bucket"),
         languages=spec.get("languages"),
         stash_device=spec.get("stash_device"),
+        target_buckets=spec.get("target_buckets"),
         **args,
     )
 
 
 def run(spec: dict, rank: int, world: int, out: str) -> bool:
     accumulate, steps = spec.get("accumulate", 1), spec.get("steps", 3)
-    kwargs = dict(optimizer=spec.get("optimizer", "sgd"), lr=spec.get("lr", 0.1))
+    kwargs = dict(optimizer=spec.get("optimizer", "sgd"), lr=spec.get("lr", 0.1), lora=spec.get("lora", False))
     # "ranks_per_language" k: ranks t·k … t·k + k - 1 train language t on different batches.
     # "languages_per_rank" m: rank r trains languages r·m … r·m + m - 1.
     k, m = spec.get("ranks_per_language", 1), spec.get("languages_per_rank", 1)
