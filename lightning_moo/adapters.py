@@ -6,6 +6,7 @@ adapter is asked for.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,10 @@ def with_adapter(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
         config = get_peft_config(fields)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"model.peft {spec!r} is not a valid PEFT config: {error}") from error
-    adapted = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for is_gradient_checkpointing under its deprecated name.
+        warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated")
+        adapted = get_peft_model(model, config)
     if not any(p.requires_grad for p in adapted.parameters()):
         raise ValueError(f"model.peft {spec!r} matched no module of {type(model).__name__}: check target_modules")
     return adapted

@@ -246,7 +246,6 @@ QUIET = (
     r".*when logging on epoch level in distributed setting",  # evaluation metrics are already summed over ranks
     r".*`isinstance\(treespec, LeafSpec\)` is deprecated",
     r".*all_gather.* is deprecated",
-    r".*`is_gradient_checkpointing` is deprecated",  # peft asks transformers 5 under the old name
 )
 
 
