@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,7 +72,10 @@ class ModelOnlyCLI(MOOCLI):
 
 def build_module(config_args: list[str], adapter: bool = False) -> MultilingualLM:
     """The LightningModule of a fit config (``--config FILE`` and overrides, as for ``fit``)."""
-    cli = ModelOnlyCLI(MultilingualLM, MultilingualDataModule, args=config_args, run=False, adapter=adapter)
+    with warnings.catch_warnings():
+        # Lightning warns when args are given while sys.argv has some: here they are export's own.
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
+        cli = ModelOnlyCLI(MultilingualLM, MultilingualDataModule, args=config_args, run=False, adapter=adapter)
     return cli.model
 
 
@@ -166,14 +170,15 @@ def save_adapter(module: MultilingualLM, out: Path) -> str:
     model.save_pretrained(out, save_embedding_layers=False)
     module.tokenizer.save_pretrained(out)
     if base_dir is None:
-        return f"adapter (base: {base})"
+        return f"adapter (its base: {base})"
     model.unload().save_pretrained(base_dir)  # unload: the base without the adapter, not merged
-    return f"adapter (base written to {base_dir.resolve()})"
+    return f"adapter and its base (in {base_dir.resolve()})"
 
 
 @rank_zero_only
 def report(what: str, path: Path, out: Path) -> None:
-    Console().print(f"lightning-moo export: {path} -> {what}, tokenizer: {out.resolve()}", soft_wrap=True)
+    Console().print(f"lightning-moo export: wrote the {what} and the tokenizer from {path} to {out.resolve()}",
+                    soft_wrap=True)
 
 
 def export(config_args: list[str], ckpt_path: str, out: str, adapter: bool = False) -> Path:
