@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from torch import Tensor
@@ -59,6 +60,13 @@ class ModelOnlyCLI(MOOCLI):
         self.adapter = adapter
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        # The config.yaml that fit saves next to its logs also holds the arguments of Trainer.fit
+        # (ckpt_path: the run it resumed from, weights_only). They must parse; they are ignored:
+        # export's own --ckpt_path says what to export.
+        parser.add_method_arguments(Trainer, "fit", skip=set(self.subcommands()["fit"]))
+
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         # Refused here, before the model is built: loading a large base takes minutes.
@@ -67,7 +75,7 @@ class ModelOnlyCLI(MOOCLI):
                               "export the full model (leave out --adapter), or pass the config the run was trained with")
 
     def instantiate_trainer(self, **kwargs: Any) -> None:
-        return None
+        return None  # a Trainer would set up the config's devices and strategy, which export never uses
 
 
 def build_module(config_args: list[str], adapter: bool = False) -> MultilingualLM:
@@ -128,7 +136,10 @@ def load_weights(module: MultilingualLM, state: dict[str, Tensor], trained: Opti
     try:
         module.load_state_dict(state, strict=False)
     except RuntimeError as error:  # e.g. another LoRA rank: same names, other shapes
-        raise ExportError(f"{path} does not fit this config's model ({error}): {fix}") from None
+        # torch lists every mismatch on a line of its own: the first, and how many there are.
+        mismatches = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        raise ExportError(f"{path} does not fit this config's model ({len(mismatches)} mismatches, the first: "
+                          f"{mismatches[0] if mismatches else error}): {fix}") from None
 
 
 def save_full(module: MultilingualLM, out: Path) -> str:
