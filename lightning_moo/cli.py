@@ -5,8 +5,9 @@
     lightning-moo validate --config configs/demo.yaml --ckpt_path <run>/checkpoints/last.ckpt
     lightning-moo export --config configs/demo.yaml --ckpt_path <run>/checkpoints/last.ckpt --out hf/
 
-``export`` (``lightning_moo.export``) writes a checkpoint as a Hugging Face model directory; the
-other subcommands are LightningCLI's.
+``export`` (``lightning_moo.export``) writes a checkpoint as a Hugging Face model directory;
+``lm-eval-tasks`` (``lightning_moo.lm_eval_tasks``) writes lm-evaluation-harness tasks over local
+SIB-200 files; the other subcommands are LightningCLI's.
 
 The strategy is a top-level ``strategy:`` section (any Lightning ``Strategy``; default
 ``BucketMOOStrategy`` with MGDA), so that its solver is one flag away. Its ``languages`` default to
@@ -47,8 +48,9 @@ from .tensorboard import output_dir
 DEFAULT_STRATEGY = {"class_path": "lightning_moo.strategies.BucketMOOStrategy"}
 DESCRIPTION = (
     "lightning-moo: multilingual fine-tuning with bucket-level MOO. Subcommands: fit, validate, test, "
-    "predict (Lightning's), and export: a checkpoint as a Hugging Face model directory or PEFT adapter "
-    "(lightning-moo export --help)."
+    "predict (Lightning's); export: a checkpoint as a Hugging Face model directory or PEFT adapter "
+    "(lightning-moo export --help); lm-eval-tasks: lm-evaluation-harness tasks over local SIB-200 files "
+    "(lightning-moo lm-eval-tasks --help)."
 )
 
 # --- solvers by name: registered names become class paths before jsonargparse resolves them ----
@@ -258,6 +260,11 @@ def main(args: Any = None) -> None:
         from .export import main as export_main
 
         export_main(list(argv[1:]))
+        return
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["lm-eval-tasks"]:
+        from .lm_eval_tasks import main as tasks_main
+
+        tasks_main(list(argv[1:]))
         return
     MOOCLI(
         MultilingualLM,

@@ -1,7 +1,7 @@
 """Task YAMLs for EleutherAI's lm-evaluation-harness that score local SIB-200 files the way
 ``lightning-moo test`` does, so that both report the same accuracy on the same rows.
 
-    python -m lightning_moo.lm_eval_tasks --sib200 ../shared/data/sib200 --languages eng_Latn deu_Latn \\
+    lightning-moo lm-eval-tasks --sib200 ../shared/data/sib200 --languages eng_Latn deu_Latn \\
         --tokenizer EXPORTED_DIR --out TASKDIR
     lm_eval --model hf --model_args pretrained=EXPORTED_DIR,add_bos_token=False \\
         --include_path TASKDIR --tasks sib200_local
@@ -12,7 +12,9 @@ its YAML rather than the TSV itself: the rows come from :class:`MultilingualData
 parsing, the same evenly spaced ``--max-examples`` rows) and each holds the prompt and the choices
 already rendered by the same :class:`Encoder` (``str.format``, the chat template), so nothing depends
 on how lm-eval's csv loader or its Jinja templates would read them. Each choice ends with the EOS
-token's text because ``lightning-moo test`` scores label + EOS. See docs/evaluation.md.
+token's text because ``lightning-moo test`` scores label + EOS. The one difference left: lm-eval moves
+whitespace at the end of a prompt (a chat template's "assistant\n") into every choice and scores it
+too, the same amount for every label, so choices and accuracy still agree. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def _eos_text(tokenizer: Any) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_moo.lm_eval_tasks",
+        prog="lightning-moo lm-eval-tasks",
         description="Write lm-evaluation-harness task YAMLs that score local SIB-200 files as lightning-moo test does.",
     )
     parser.add_argument("--sib200", required=True, help="directory with <flores_code>/{train,dev,test}.tsv")
