@@ -69,6 +69,19 @@ INTERNALS = (
     Internal("lightning.pytorch.strategies.ddp:DDPStrategy", "_register_ddp_hooks",
              "Lightning registers DDP comm hooks on CUDA only; the DDP strategy registers its own on any device",
              parameters=("self",)),
+    Internal("lightning.pytorch.strategies.launchers.subprocess_script", "_launch_process_observer",
+             "Lightning's watcher of the launcher's child ranks SIGKILLs every rank, saying nothing, when one fails: "
+             "lightning_moo.faults puts a watcher in its place that first says which rank failed and why",
+             parameters=("child_processes",)),
+    Internal("lightning.pytorch.trainer.connectors.signal_connector:_SignalConnector", "_sigterm_notifier_fn",
+             "Lightning's SIGTERM handler runs a collective inside the handler (deadlock when ranks get different "
+             "numbers of signals); the Preemption callback replaces the handler after Lightning installs it",
+             source_has=("dist.broadcast",)),
+    Internal("torch.distributed.distributed_c10d", "_set_pg_timeout",
+             "DeepSpeed makes its own process groups with PyTorch's 30-minute default timeout, whatever the world "
+             "group's: the strategies' timeout is set on every group", parameters=("timeout", "group")),
+    Internal("torch.distributed.distributed_c10d", None, "every process group of this process",
+             source_has=("_world = _World()", "def pg_map")),
     Internal("lightning.pytorch.trainer.connectors.accelerator_connector:_AcceleratorConnector", "__init__",
              "the DataModule shards its own data per language and must know whether Lightning would re-shard it",
              source_has=("self.use_distributed_sampler",)),
@@ -199,3 +212,18 @@ def deepspeed_initialize_with_device_rank(device_rank: int) -> Iterator[None]:
 def uses_distributed_sampler(trainer) -> bool:
     """Whether Lightning will wrap the DataModule's samplers in a DistributedSampler."""
     return bool(trainer._accelerator_connector.use_distributed_sampler)
+
+
+def report_failed_ranks(watch: Callable) -> None:
+    """Let ``watch(child_processes, main_pid)`` watch the child ranks Lightning's launcher starts."""
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._launch_process_observer = watch
+
+
+def set_collective_timeout(timeout) -> None:
+    """Give every process group of this process ``timeout`` (a ``timedelta``)."""
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(timeout, group)

@@ -22,6 +22,7 @@ name fails in two lines that list the solvers, before jsonargparse would print i
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import warnings
@@ -31,17 +32,21 @@ from typing import Any
 import yaml
 from jsonargparse import get_loader, set_loader
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from . import _compat, faults
 from . import solvers  # noqa: F401  (imported so that solver class names like CAGrad resolve)
 from . import strategies  # noqa: F401  (and strategy short names)
+from .callbacks.preemption import PREEMPTED_EXIT, Preemption
+from .callbacks.progress import StepProgressBar
 from .data import MultilingualDataModule
 from .module import MultilingualLM
+from .resume_checks import OVERRIDE, ResumeCheckError, check_resume
 from .solvers import solver_class_path
 from .tensorboard import output_dir
 
@@ -182,6 +187,10 @@ class MOOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_subclass_arguments(Strategy, "strategy", required=False, fail_untyped=False)
         parser.set_defaults({"strategy": DEFAULT_STRATEGY})
+        parser.add_argument(
+            f"--{OVERRIDE}", type=bool, default=False,
+            help="fit --ckpt_path: resume although data.train_languages differs from the checkpoint's (refused otherwise)",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -189,11 +198,27 @@ class MOOCLI(LightningCLI):
         init_args = getattr(strategy, "init_args", None)
         if init_args is not None and "languages" in init_args and init_args.languages is None:
             init_args.languages = list(config.data.train_languages)
+        # A damaged or mismatched checkpoint fails here in a second, not after the model is built and
+        # DeepSpeed initialised (lightning_moo.resume_checks says what is checked).
+        if config.get("ckpt_path") is not None:
+            try:
+                check_resume(config.ckpt_path, config, self.subcommand)
+            except ResumeCheckError as error:
+                print(error.message, file=sys.stderr)
+                raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config.get("strategy") is not None:
             kwargs["strategy"] = config["strategy"]
+        # Every run survives preemption and reports a failed rank by name, unless the config brings its own.
+        callbacks = list(config["trainer"].get("callbacks") or [])
+        for default in (Preemption, faults.Heartbeat):
+            if not any(isinstance(c, default) for c in callbacks):
+                callbacks.append(default())
+        if config["trainer"].get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())  # steps of max_steps, not batches of the epoch
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def before_predict(self) -> None:
@@ -205,12 +230,25 @@ class MOOCLI(LightningCLI):
 
     def after_fit(self) -> None:
         summarize(self.trainer, "fit")
+        preemption = next((c for c in self.trainer.callbacks if isinstance(c, Preemption)), None)
+        if preemption is not None and preemption.preempted:
+            say_preempted(self.trainer, preemption)
+            faults.wait_for_children()
+            sys.exit(faults.exit_status_when_preempted(PREEMPTED_EXIT))
 
     def after_validate(self) -> None:
         summarize(self.trainer, "validate")
 
     def after_test(self) -> None:
         summarize(self.trainer, "test")
+
+
+@rank_zero_only
+def say_preempted(trainer: Trainer, preemption: Preemption) -> None:
+    Console().print(
+        f"lightning-moo: preempted: stopped after step {preemption.step} with a checkpoint of it, "
+        f"{preemption.checkpoint.resolve()}; resume with --ckpt_path {preemption.checkpoint} "
+        f"(or --ckpt_path last); exit status {PREEMPTED_EXIT}", soft_wrap=True)
 
 
 def prediction_dir(trainer: Trainer) -> Path:
@@ -226,7 +264,10 @@ def summarize(trainer: Trainer, stage: str) -> None:
     log_dir = output_dir(trainer)
     console.print(f"logs (tensorboard --logdir {log_dir.parent}): {log_dir.resolve()}", soft_wrap=True)
     checkpoint = trainer.checkpoint_callback
-    for kind in ("last", "best"):
+    # Without a monitored metric "best" is just the newest top-k checkpoint (after a resume, possibly
+    # one of the previous run): only "last" says something then.
+    kinds = ("last", "best") if getattr(checkpoint, "monitor", None) else ("last",)
+    for kind in kinds:
         path = getattr(checkpoint, f"{kind}_model_path", "") if checkpoint is not None else ""
         if path:
             console.print(f"{kind} checkpoint: {Path(path).resolve()}", soft_wrap=True)
@@ -254,6 +295,11 @@ QUIET = (
 def main(args: Any = None) -> None:
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
+    faults.mark_launcher()
+    faults.CONTEXT = None  # a run's context is its own (tests run several in one process)
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
+        # Printed by every rank on a resume; rank zero's copy says it.
+        warnings.filterwarnings("ignore", message=".*dirpath has changed")
     argv = sys.argv[1:] if args is None else args
     # export is not a Trainer method: it is dispatched before LightningCLI parses the command line.
     if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["export"]:
@@ -266,15 +312,22 @@ def main(args: Any = None) -> None:
 
         tasks_main(list(argv[1:]))
         return
-    MOOCLI(
-        MultilingualLM,
-        MultilingualDataModule,
-        # Each rank reads its own language; Lightning must not re-shard the samplers.
-        trainer_defaults={"use_distributed_sampler": False},
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
-        args=args,
-    )
+    # A failed, killed or silent rank is reported by name, once (lightning_moo.faults).
+    _compat.report_failed_ranks(faults.watch_children)
+    faults.SUMMARIZE = lambda trainer: summarize(trainer, "fit")
+    try:
+        MOOCLI(
+            MultilingualLM,
+            MultilingualDataModule,
+            # Each rank reads its own language; Lightning must not re-shard the samplers.
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+        )
+    except Exception as error:
+        faults.fail(error)
+    faults.wait_for_children()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers import LlamaForCausalLM, get_scheduler
 
 from .adapters import TRAINABLE, check_trainable, drop_frozen, trainable_names, with_adapter
 from .hf import BYTES, load_causal_lm, load_tokenizer
+from .resume_checks import RUN, run_record
 
 SCHEDULES = ("cosine", "linear", "constant")
 # transformers renamed the forward argument past_key_values to cache (5.x warns about the old name).
@@ -136,6 +137,10 @@ class MultilingualLM(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TRAINABLE] = trainable_names(self)
+        # Languages, world size, solver and schedule: a resume compares them before building anything
+        # (lightning_moo.resume_checks). A module saved outside a Trainer has no run to record.
+        if self._trainer is not None:
+            checkpoint[RUN] = run_record(self._trainer, self.hparams)
         if self.hparams.peft is not None and "state_dict" in checkpoint:
             checkpoint["state_dict"] = drop_frozen(checkpoint["state_dict"], self)
 

@@ -18,6 +18,7 @@ from ..layout import LanguageLayout
 from ..reducer import BucketReducer
 from ..solvers import MOOSolver, resolve_solver
 from .. import _compat
+from .atomic import DEFAULT_TIMEOUT, AtomicCheckpoints
 from .bucket_count import bucket_numel_for, warn_if_few_buckets
 from .language_losses import LanguageLosses
 from .solver_state import SolverStateInCheckpoints
@@ -83,7 +84,7 @@ def _gather_slices(tensor: Tensor, slices: list[Segment]) -> None:
         tensor[s.start : s.start + s.length] = received[r * width : r * width + s.length]
 
 
-class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy):
+class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicCheckpoints, DDPStrategy):
     """PyTorch DDP with one rank per language and a MOO solver per DDP gradient bucket.
 
     Rank t trains language t. Where DDP averages the languages' gradients of a bucket, a comm hook
@@ -129,6 +130,7 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, DDPStrategy
                 f"BucketMOODDPStrategy reduces every bucket through its own comm hook; {conflicting} would "
                 "replace that hook or average gradients outside it. Remove them."
             )
+        kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
         super().__init__(**kwargs)
         self.solver = resolve_solver(solver)
         self.exchange = make_exchange(exchange)

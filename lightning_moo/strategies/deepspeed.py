@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -10,14 +11,21 @@ from torch.nn import Module
 
 from .. import _compat
 from ..adapters import check_deepspeed_checkpoint
+from .atomic import DEFAULT_TIMEOUT, AtomicCheckpoints
 
 
-class StockDeepSpeedStrategy(DeepSpeedStrategy):
+class StockDeepSpeedStrategy(AtomicCheckpoints, DeepSpeedStrategy):
     """DeepSpeed ZeRO with stock gradient averaging, usable on CPU for tests, demos and baselines.
 
     Lightning refuses DeepSpeed without CUDA in three places; on CUDA this class behaves exactly
-    like ``DeepSpeedStrategy``.
+    like ``DeepSpeedStrategy`` in what it computes. Checkpoints are written aside and renamed into
+    place (:class:`AtomicCheckpoints`), and collectives give up on a silent rank after 10 minutes
+    (``timeout``, PyTorch's default is 30).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("timeout", DEFAULT_TIMEOUT)
+        super().__init__(*args, **kwargs)
 
     def setup_environment(self) -> None:
         if self.root_device.type == "cuda":
@@ -39,6 +47,12 @@ class StockDeepSpeedStrategy(DeepSpeedStrategy):
         if self.root_device.type == "cpu":
             _compat.skip_shm_comm_build()
         super()._init_deepspeed_distributed()
+
+    def init_deepspeed(self) -> None:
+        super().init_deepspeed()
+        # DeepSpeed's own groups (the data-parallel one reduces every bucket) keep PyTorch's 30 minutes.
+        if self._timeout is not None:
+            _compat.set_collective_timeout(self._timeout)
 
     def _setup_model_and_optimizer(self, model: Module, optimizer, lr_scheduler=None):
         import deepspeed

@@ -28,6 +28,12 @@ class LanguageLosses:
         gathered = self.all_gather(torch.stack([loss.detach().double() for loss in own])).reshape(-1)
         layout = self.layout
         losses = torch.stack([gathered[list(layout.rows_of(t))].mean() for t in range(layout.num_languages)])
+        if not bool(torch.isfinite(losses).all()):
+            # Every rank sees the same gathered losses, so every rank raises here, naming the languages.
+            bad = [f"{layout.names[t]} ({float(losses[t])})" for t in range(layout.num_languages) if not bool(torch.isfinite(losses[t]))]
+            raise FloatingPointError(
+                f"the loss of {', '.join(bad)} is not finite at step {self.lightning_module.trainer.global_step}: check "
+                "those languages' inputs, lower the learning rate, or use loss scaling / gradient clipping")
         self.language_losses = losses
         if self.solver.uses_gram:
             if self.hook is not None:
