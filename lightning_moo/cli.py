@@ -264,13 +264,16 @@ def summarize(trainer: Trainer, stage: str) -> None:
     log_dir = output_dir(trainer)
     console.print(f"logs (tensorboard --logdir {log_dir.parent}): {log_dir.resolve()}", soft_wrap=True)
     checkpoint = trainer.checkpoint_callback
-    # Without a monitored metric "best" is just the newest top-k checkpoint (after a resume, possibly
-    # one of the previous run): only "last" says something then.
-    kinds = ("last", "best") if getattr(checkpoint, "monitor", None) else ("last",)
-    for kind in kinds:
-        path = getattr(checkpoint, f"{kind}_model_path", "") if checkpoint is not None else ""
-        if path:
-            console.print(f"{kind} checkpoint: {Path(path).resolve()}", soft_wrap=True)
+    last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
+    if last:
+        console.print(f"last checkpoint: {Path(last).resolve()}", soft_wrap=True)
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    # Without a monitored metric "best" is only the newest top-k checkpoint, and after a resume it may
+    # still be one of the previous run's: shown when it is this run's folder and says something new.
+    here = bool(best) and bool(checkpoint.dirpath) and Path(best).resolve().parent == Path(checkpoint.dirpath).resolve()
+    if here and best != last and (checkpoint.monitor or not last):
+        label = f"best checkpoint (by {checkpoint.monitor})" if checkpoint.monitor else "newest checkpoint"
+        console.print(f"{label}: {Path(best).resolve()}", soft_wrap=True)
     if stage == "fit":
         console.print(f"global step: {trainer.global_step}")
     if stage == "predict":
@@ -295,7 +298,6 @@ QUIET = (
 def main(args: Any = None) -> None:
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
-    faults.mark_launcher()
     faults.CONTEXT = None  # a run's context is its own (tests run several in one process)
     if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
         # Printed by every rank on a resume; rank zero's copy says it.
@@ -313,6 +315,7 @@ def main(args: Any = None) -> None:
         tasks_main(list(argv[1:]))
         return
     # A failed, killed or silent rank is reported by name, once (lightning_moo.faults).
+    marked = faults.mark_launcher()
     _compat.report_failed_ranks(faults.watch_children)
     faults.SUMMARIZE = lambda trainer: summarize(trainer, "fit")
     try:
@@ -327,6 +330,9 @@ def main(args: Any = None) -> None:
         )
     except Exception as error:
         faults.fail(error)
+    finally:
+        if marked:
+            faults.unmark_launcher()
     faults.wait_for_children()
 
 

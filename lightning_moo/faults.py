@@ -40,8 +40,18 @@ RECORD_GRACE_S = 2.0
 LAUNCHER_PID = "LIGHTNING_MOO_LAUNCHER_PID"
 
 
-def mark_launcher() -> None:
-    os.environ.setdefault(LAUNCHER_PID, str(os.getpid()))
+def mark_launcher() -> bool:
+    """Note this process as the launcher for the ranks it will start (they inherit the environment);
+    True if it did (then :func:`unmark_launcher` at its end: a test that runs the CLI in its own
+    process must not pass the mark on to the runs it starts later)."""
+    if LAUNCHER_PID in os.environ:
+        return False
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    return True
+
+
+def unmark_launcher() -> None:
+    os.environ.pop(LAUNCHER_PID, None)
 
 
 def is_launched_child() -> bool:

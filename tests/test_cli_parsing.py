@@ -128,3 +128,17 @@ def test_unknown_solver_from_the_installed_command(tmp_path):
         f"lightning-moo: error: --strategy.solver: unknown solver 'NoSuch'; the solvers are: {', '.join(solver_names())}.",
         "Or give your own MOOSolver subclass: solver: {class_path: my_module.MySolver, init_args: {...}}",
     ]
+
+
+def test_the_cli_in_a_test_process_leaves_no_launcher_mark(tmp_path, capsys):
+    """Ranks started by the CLI's launcher inherit a mark that makes them leave failure reports to it;
+    a CLI run inside this process must not pass that mark on to CLIs it starts later."""
+    import os
+
+    from lightning_moo import faults
+    from lightning_moo.cli import main
+
+    assert faults.LAUNCHER_PID not in os.environ
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--print_config"])
+    assert faults.LAUNCHER_PID not in os.environ and not faults.is_launched_child()
