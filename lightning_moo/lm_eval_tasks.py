@@ -140,33 +140,66 @@ def _eos_text(tokenizer: Any) -> str:
     return text
 
 
+def options_from_config(path: str) -> dict[str, Any]:
+    """The task options a fit config's ``data:`` section implies (the rows and rendering of
+    ``lightning-moo test`` with that config): evaluated languages, split, templates, labels."""
+    data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+    pattern = data.get("file_pattern", "{language}/{split}.tsv")
+    if pattern != "{language}/{split}.tsv":
+        raise ValueError(f"{path}: data.file_pattern is {pattern!r}; the tasks read SIB-200's <code>/<split>.tsv layout")
+    seen = data.get("seen_languages") or data.get("train_languages") or []
+    options = {
+        "sib200": data.get("source"),
+        "languages": list(seen) + list(data.get("unseen_languages") or []),
+        "split": (data.get("splits") or {}).get("test", "test"),
+        "prompt_template": data.get("prompt_template"),
+        "response_template": data.get("response_template"),
+        "label_field": data.get("label_field"),
+        "labels": data.get("labels"),
+        "chat_template": data.get("chat_template"),
+        "max_examples": data.get("max_eval_examples"),
+    }
+    return {key: value for key, value in options.items() if value not in (None, [])}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-moo lm-eval-tasks",
         description="Write lm-evaluation-harness task YAMLs that score local SIB-200 files as lightning-moo test does.",
     )
-    parser.add_argument("--sib200", required=True, help="directory with <flores_code>/{train,dev,test}.tsv")
-    parser.add_argument("--languages", nargs="+", required=True, help="FLORES codes, e.g. eng_Latn deu_Latn")
-    parser.add_argument("--split", default="test", help="file name without .tsv (default: test)")
+    parser.add_argument("--config", help="a fit config: its data: section gives every option below not given here")
+    parser.add_argument("--sib200", help="directory with <flores_code>/{train,dev,test}.tsv (data.source)")
+    parser.add_argument("--languages", nargs="+", help="FLORES codes, e.g. eng_Latn deu_Latn")
+    parser.add_argument("--split", help="file name without .tsv (default: test)")
     parser.add_argument("--out", required=True, help="directory for the task YAMLs (lm_eval --include_path)")
     parser.add_argument("--tokenizer", required=True,
                         help="the evaluated model's directory (its tokenizer's EOS and chat template), or 'bytes'")
-    parser.add_argument("--prompt-template", default=PROMPT_TEMPLATE, help="data.prompt_template (str.format over the columns)")
-    parser.add_argument("--response-template", default=RESPONSE_TEMPLATE, help="data.response_template")
-    parser.add_argument("--label-field", default=LABEL_FIELD, help="data.label_field")
-    parser.add_argument("--labels", nargs="+", default=LABELS, help="data.labels, in the config's order")
-    parser.add_argument("--chat-template", action="store_true", help="data.chat_template: true")
-    parser.add_argument("--max-examples", type=int, default=None, help="data.max_eval_examples (evenly spaced rows)")
+    parser.add_argument("--prompt-template", help="data.prompt_template (str.format over the columns)")
+    parser.add_argument("--response-template", help="data.response_template")
+    parser.add_argument("--label-field", help="data.label_field")
+    parser.add_argument("--labels", nargs="+", help="data.labels, in the config's order")
+    parser.add_argument("--chat-template", action="store_true", default=None, help="data.chat_template: true")
+    parser.add_argument("--max-examples", type=int, help="data.max_eval_examples (evenly spaced rows)")
     args = parser.parse_args(argv)
+    # Given flags, then the config's data: section, then the SIB-200 config's defaults.
+    defaults = {"split": "test", "prompt_template": PROMPT_TEMPLATE, "response_template": RESPONSE_TEMPLATE,
+                "label_field": LABEL_FIELD, "labels": LABELS, "chat_template": False, "max_examples": None}
+    try:
+        from_config = options_from_config(args.config) if args.config else {}
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        sys.exit(f"error: --config: {exc}")
+    options = {**defaults, **from_config, **{k: v for k, v in vars(args).items() if v is not None and k in
+                                              {"sib200", "languages", *defaults}}}
+    missing = [f"--{name}" for name in ("sib200", "languages") if not options.get(name)]
+    if missing:
+        parser.error(f"{' and '.join(missing)} (or a --config whose data: section gives them) required")
     tokenizer = load_tokenizer(args.tokenizer)
     try:
-        tasks = write_tasks(
-            args.sib200, args.languages, args.out, tokenizer, split=args.split,
-            prompt_template=args.prompt_template, response_template=args.response_template,
-            label_field=args.label_field, labels=args.labels, chat_template=args.chat_template,
-            max_examples=args.max_examples,
-        )
-        bos = add_bos_token(tokenizer, args.chat_template)
+        tasks = write_tasks(options["sib200"], options["languages"], args.out, tokenizer, split=options["split"],
+                            prompt_template=options["prompt_template"], response_template=options["response_template"],
+                            label_field=options["label_field"], labels=options["labels"],
+                            chat_template=options["chat_template"], max_examples=options["max_examples"])
+        bos = add_bos_token(tokenizer, options["chat_template"])
     except (DataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"wrote {len(tasks)} tasks and the group {GROUP} to {Path(args.out).resolve()}")

@@ -210,3 +210,31 @@ def test_writer_errors_name_the_fix(tmp_path, capsys, case, message):
         lm_eval_tasks.main(argv)
     assert str(exit.value).startswith("error: ")
     assert re.search(message, str(exit.value)), str(exit.value)
+
+
+def test_a_fit_configs_data_section_gives_the_same_tasks_as_its_flags(tmp_path, capsys):
+    """``--config`` reads the languages, split, templates, labels and row count from the config's
+    ``data:`` section; the tasks are the ones the same values as flags write, and flags still win."""
+    for language in ("eng_Latn", "rus_Cyrl", "tha_Thai"):
+        write(tmp_path / "sib", language, HEADER + "".join(f"{i}\t{c}\tSentence {i}.\n" for i, c in enumerate(CATEGORIES)))
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({"data": {
+        "source": str(tmp_path / "sib"), "file_pattern": "{language}/{split}.tsv", "splits": {"test": "test"},
+        "train_languages": ["eng_Latn", "rus_Cyrl"], "unseen_languages": ["tha_Thai"],
+        "prompt_template": "Topic of: {text}\n", "response_template": "{category}", "label_field": "category",
+        "labels": lm_eval_tasks.LABELS, "max_eval_examples": 4}}))
+    lm_eval_tasks.main(["--config", str(config), "--tokenizer", "bytes", "--out", str(tmp_path / "from_config")])
+    lm_eval_tasks.main(["--sib200", str(tmp_path / "sib"), "--languages", "eng_Latn", "rus_Cyrl", "tha_Thai",
+                        "--prompt-template", "Topic of: {text}\n", "--max-examples", "4", "--tokenizer", "bytes",
+                        "--out", str(tmp_path / "from_flags")])
+    written = sorted(p.name for p in (tmp_path / "from_flags").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "from_config").iterdir()) and len(written) == 7
+    for name in written:
+        if name.endswith(".jsonl"):
+            assert (tmp_path / "from_config" / name).read_text() == (tmp_path / "from_flags" / name).read_text()
+    lm_eval_tasks.main(["--config", str(config), "--languages", "eng_Latn", "--tokenizer", "bytes", "--out", str(tmp_path / "one")])
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.jsonl")) == ["sib200_local_eng_Latn.jsonl"]
+    # The shipped SIB-200 config parses into the options the docs list.
+    options = lm_eval_tasks.options_from_config(str(ROOT / "configs" / "sib200_smollm2.yaml"))
+    assert options["languages"][-3:] == ["tha_Thai", "ben_Beng", "tel_Telu"] and options["chat_template"] is True
+    assert options["prompt_template"] == lm_eval_tasks.PROMPT_TEMPLATE and options["split"] == "test"
