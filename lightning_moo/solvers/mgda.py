@@ -10,6 +10,8 @@ from torch import Tensor
 from .base import MOOSolver
 from .qp import min_norm_weights
 
+NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
 
 class MGDA(MOOSolver):
     """Exact min-norm element ``d = Σ w_t g_t`` of the convex hull (``w`` on the simplex).
@@ -19,17 +21,25 @@ class MGDA(MOOSolver):
     active set otherwise), not by Frank–Wolfe.
 
     Args:
-        normalization: ``"none"`` (default, as in Sener & Koltun's MGDA-UB) or ``"l2"``: solve on the
-            unit gradients ``g_t/‖g_t‖`` and return weights for the original gradients
-            (``w_t / ‖g_t‖``); a zero gradient then stays zero and makes ``d = 0``.
+        normalization: what each gradient is divided by before the min-norm problem, as in Sener &
+            Koltun's ``gradient_normalizers``: ``"none"`` (1; the default, their MGDA-UB), ``"l2"``
+            (``‖g_t‖``, here the bucket's), ``"loss"`` (the language's loss ``L_t``) or ``"loss+"``
+            (``L_t ‖g_t‖``, the setting of their experiments). The last two need each step's losses,
+            which the strategies then gather (a few numbers per step).
+        apply_to: ``"normalized"`` (default): ``d`` is the min-norm point of the normalized
+            gradients, so the returned weights are ``w_t / n_t`` — conflict-free whatever the
+            normalization. ``"raw"``: the weights found for the normalized gradients applied to the raw
+            ones, ``d = Σ w_t g_t``, as their code does (it scales the raw losses by ``w_t``); then
+            ``d`` may conflict with a language unless ``normalization="none"``.
 
     Degenerate cases: a zero gradient lies in the hull, so ``d = 0`` (all weight on it); identical
     gradients give any point of the simplex (the direction is the same); the weights are one
     optimal solution when several exist, while ``d`` is always unique.
 
-    Declarations: conflict-free (``⟨g_t, d⟩ ≥ ‖d‖²``, with either normalization); scale-invariant
-    for ``"none"`` only (``"l2"`` weights scale as ``1/‖g_t‖``: ``d`` is then unchanged by
-    scaling, not scaled); permutation-equivariant; stateless.
+    Declarations: conflict-free with ``apply_to="normalized"`` (``⟨g_t, d⟩ ≥ n_t ‖d‖² ≥ 0``) or
+    ``normalization="none"``; scale-invariant for ``"none"`` and ``"loss"`` (gradients scaled, losses
+    kept: ``"l2"`` and ``"loss+"`` divide the scale out, so ``d`` is unchanged rather than scaled);
+    permutation-equivariant; stateless.
     """
 
     name = "mgda"
@@ -38,18 +48,36 @@ class MGDA(MOOSolver):
     permutation_equivariant = True
     stateful = False
 
-    def __init__(self, normalization: Literal["none", "l2"] = "none") -> None:
+    def __init__(self, normalization: Literal["none", "l2", "loss", "loss+"] = "none",
+                 apply_to: Literal["normalized", "raw"] = "normalized") -> None:
         super().__init__()
-        if normalization not in ("none", "l2"):
-            raise ValueError(f"MGDA normalization must be 'none' or 'l2', got {normalization!r}")
-        self.normalization = normalization
-        if normalization == "l2":
-            self.scale_invariant = False
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"MGDA normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+        if apply_to not in ("normalized", "raw"):
+            raise ValueError(f"MGDA apply_to must be 'normalized' or 'raw', got {apply_to!r}")
+        self.normalization, self.apply_to = normalization, apply_to
+        self.needs_losses = normalization in ("loss", "loss+")
+        self.scale_invariant = normalization in ("none", "loss")
+        self.conflict_free = apply_to == "normalized" or normalization == "none"
 
     def weights(self, gram: Tensor) -> Tensor:
         if self.normalization == "none":
             return torch.from_numpy(min_norm_weights(gram.numpy()))
+        n = self._normalizers(gram)
+        inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))  # a zero gradient stays zero
+        w = torch.from_numpy(min_norm_weights((gram * inv[:, None] * inv[None, :]).numpy()))
+        return w * inv if self.apply_to == "normalized" else w
+
+    def _normalizers(self, gram: Tensor) -> Tensor:
+        """``n_t`` of Sener & Koltun's ``gradient_normalizers``, from the Gram's diagonal and the losses."""
         norms = gram.diagonal().clamp_min(0).sqrt()
-        inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
-        unit_gram = gram * inv[:, None] * inv[None, :]
-        return torch.from_numpy(min_norm_weights(unit_gram.numpy())) * inv
+        if self.normalization == "l2":
+            return norms
+        if self.losses is None:
+            raise ValueError(f"MGDA(normalization={self.normalization!r}) needs each language's loss: call it as "
+                             "solver(gram, losses=...) (the strategies do when solver.needs_losses)")
+        if not bool((self.losses > 0).all()):
+            raise ValueError(f"MGDA(normalization={self.normalization!r}) divides by the losses, which must be "
+                             f"positive: got {self.losses.tolist()}; use normalization='l2' for such losses")
+        losses = self.losses.to(gram.dtype)
+        return losses if self.normalization == "loss" else losses * norms

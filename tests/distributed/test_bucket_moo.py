@@ -6,6 +6,7 @@ reference values come from stock DeepSpeed in the same processes or from plain a
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from checks import assert_close, assert_ranks_identical, language_grads, load, single_language_sgd
@@ -100,6 +101,8 @@ def moo_runs(tmp_path_factory):
     runs += [
         dict(name="global", solver=solver("MGDA"), mode="global", exchange="allgather", **common),
         dict(name="global_two_pass", solver=solver("MGDA"), mode="global_two_pass", **common),
+        # Sener & Koltun's loss+ normalization: the strategy must hand the solver every language's loss.
+        dict(name="MGDA_loss_plus_raw", solver=solver("MGDA", normalization="loss+", apply_to="raw"), **common),
     ]
     return run_ranks(runs, tmp_path_factory.mktemp("moo"))
 
@@ -163,6 +166,30 @@ def test_mgda_per_bucket_direction_does_not_conflict(moo_runs):
                 assert g[t] @ d >= (1 - 1e-3) * (d @ d), f"step {step} bucket {b.index}: d conflicts with language {t}"
             conflicts += int((g[0] @ g[1]) < 0)
     assert conflicts > 0, "the toy languages never conflicted: the test would prove nothing"
+
+
+@pytest.mark.timeout(400)
+def test_mgda_loss_plus_gets_each_languages_loss_per_bucket(moo_runs):
+    """MGDA(normalization="loss+", apply_to="raw") per bucket is Sener & Koltun's procedure on that
+    bucket's autograd gradients, with n_t = L_t ‖g_t,b‖ from the losses recomputed here: the
+    strategy gathered each language's loss of the step and handed it to the solver."""
+    from test_mgda_normalizations import sener_koltun
+
+    from toy import loss_fn
+
+    result = moo_runs["MGDA_loss_plus_raw"][0]
+    assert_ranks_identical(moo_runs["MGDA_loss_plus_raw"])
+    thetas = trajectory(result)
+    for step, buckets in enumerate(result["buckets"]):
+        grads = [language_grads(thetas[step], t, step) for t in range(T)]
+        losses = np.array([float(loss_fn(load(make_net(), thetas[step]), t, step)) for t in range(T)])
+        for b in buckets.values():
+            names = [p.name for p in b.params]
+            flat = lambda d: torch.cat([d[n].reshape(-1) for n in names]).double()  # noqa: E731
+            g = torch.stack([flat(gr) for gr in grads])
+            d = (flat(thetas[step]) - flat(thetas[step + 1])) / LR
+            expected = torch.from_numpy(sener_koltun(g.numpy(), losses, "loss+", "raw"))
+            torch.testing.assert_close(d, expected, rtol=1e-4, atol=update_atol(flat(thetas[step])))
 
 
 @pytest.mark.timeout(400)
