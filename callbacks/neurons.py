@@ -4,7 +4,9 @@ A neuron of a gated MLP (``down(act(gate(x)) * up(x))``, as in Llama, Qwen, Mist
 token when ``act(gate(x)) > 0``. Its activation probability per language, normalised over languages,
 gives an entropy: low entropy means the neuron fires for few languages. Neurons that exceed the
 ``quantile`` activation probability in some language are candidates; the ``top_share`` of all neurons
-with the lowest entropy among them are language-specific, each assigned to the languages in which its
+with the lowest entropy among them are language-specific (or, with ``entropy_threshold``, every
+candidate whose entropy is at most that many nats: then the number of language-specific neurons is a
+measurement, which a fixed share can never be), each assigned to the languages in which its
 probability exceeds that threshold.
 """
 
@@ -107,9 +109,12 @@ class LanguageNeurons:
 
 
 def select_language_neurons(
-    probabilities: torch.Tensor, languages: Sequence[str], top_share: float = 0.01, quantile: float = 0.95
+    probabilities: torch.Tensor, languages: Sequence[str], top_share: float = 0.01, quantile: float = 0.95,
+    entropy_threshold: float | None = None,
 ) -> LanguageNeurons:
-    """LAPE selection from activation probabilities [layers, neurons, languages]."""
+    """LAPE selection from activation probabilities [layers, neurons, languages]: the ``top_share`` of
+    all neurons with the lowest entropy among the candidates, or, with ``entropy_threshold`` (nats),
+    every candidate whose entropy is at most that."""
     probs = probabilities.to(torch.float64)
     totals = probs.sum(dim=-1, keepdim=True)
     # A neuron that never fires has no distribution over languages; it gets entropy 0 here and is
@@ -120,11 +125,14 @@ def select_language_neurons(
     threshold = flat.kthvalue(max(1, round(flat.numel() * quantile))).values.item()
     above = probs > threshold
     candidate = above.any(dim=-1)
-    keep = min(round(entropy.numel() * top_share), int(candidate.sum()))
-    ranked = torch.where(candidate, entropy, torch.inf).flatten()
-    selected = torch.zeros(entropy.numel(), dtype=torch.bool)
-    selected[ranked.topk(keep, largest=False).indices] = True
-    selected = selected.view_as(entropy)
+    if entropy_threshold is not None:
+        selected = candidate & (entropy <= entropy_threshold)
+    else:
+        keep = min(round(entropy.numel() * top_share), int(candidate.sum()))
+        ranked = torch.where(candidate, entropy, torch.inf).flatten()
+        selected = torch.zeros(entropy.numel(), dtype=torch.bool)
+        selected[ranked.topk(keep, largest=False).indices] = True
+        selected = selected.view_as(entropy)
     return LanguageNeurons(
         languages=list(languages),
         probabilities=probs,
@@ -173,6 +181,10 @@ class NeuronSpecificity(TextAnalysisCallback):
         tokenizer: a tokenizer, or a local directory to load one from; default ``pl_module.tokenizer``.
         languages, split, max_sentences: which texts to read from a directory (and how many).
         top_share: share of all neurons kept as language-specific (lowest entropy first).
+        entropy_threshold: instead of ``top_share``, keep every candidate whose LAPE is at most this
+            many nats (0: fires in one language only; ln(languages): uniformly in all). Then
+            ``neurons/total/ratio`` measures how many neurons are language-specific, so runs can be
+            compared on it.
         quantile: activation-probability quantile a neuron must exceed in some language.
         run_at: any of "fit_start", "validation_end", "fit_end".
 
@@ -192,11 +204,14 @@ class NeuronSpecificity(TextAnalysisCallback):
         top_share: float = 0.01,
         quantile: float = 0.95,
         run_at: Sequence[str] = ("fit_start", "fit_end"),
+        entropy_threshold: float | None = None,
     ):
         if not 0 < top_share <= 1 or not 0 < quantile < 1:
             raise ValueError(f"need 0 < top_share <= 1 and 0 < quantile < 1, got {top_share}, {quantile}")
+        if entropy_threshold is not None and entropy_threshold < 0:
+            raise ValueError(f"entropy_threshold is an entropy in nats, at least 0; got {entropy_threshold}")
         super().__init__(texts, tokenizer, languages, split, max_sentences, batch_size, max_length, run_at)
-        self.top_share, self.quantile = top_share, quantile
+        self.top_share, self.quantile, self.entropy_threshold = top_share, quantile, entropy_threshold
         self.last_result: LanguageNeurons | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -209,7 +224,7 @@ class NeuronSpecificity(TextAnalysisCallback):
             self.model, self.tokenizer, self.texts, self.batch_size, self.max_length,
             show_progress=trainer.progress_bar_callback is not None,
         )
-        result = select_language_neurons(probs, list(self.texts), self.top_share, self.quantile)
+        result = select_language_neurons(probs, list(self.texts), self.top_share, self.quantile, self.entropy_threshold)
         log_scalars(trainer, neuron_metrics(result))
         log_figure(trainer, "neurons/per_layer", per_layer_chart(result))
         target = output_dir(trainer) / "language_neurons" / f"step_{trainer.global_step}.pt"
@@ -219,6 +234,7 @@ class NeuronSpecificity(TextAnalysisCallback):
                 "languages": result.languages,
                 "threshold": result.threshold,
                 "top_share": self.top_share,
+                "entropy_threshold": self.entropy_threshold,
                 "quantile": self.quantile,
                 "neurons": result.neuron_sets(),
                 "probabilities": result.probabilities,

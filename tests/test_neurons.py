@@ -153,3 +153,41 @@ def test_model_without_gate_is_refused_at_setup():
     module = TinyLM(model, make_tokenizer(), texts)
     with pytest.raises(TypeError, match="GPT2LMHeadModel has no gated MLP.*gate_proj"):
         NeuronSpecificity(texts).setup(None, module, "fit")
+
+
+def test_an_absolute_entropy_threshold_counts_the_specific_neurons_instead_of_fixing_their_share():
+    """With entropy_threshold the selection is every candidate at most that entropy, so a model with
+    more sharply language-specific neurons reports more of them (a fixed top_share reports the same
+    number whatever the model); checked against entropies computed one neuron at a time."""
+    import math
+
+    rng = np.random.default_rng(0)
+    languages = ["a", "b", "c", "d"]
+
+    def planted(sharp: int) -> torch.Tensor:
+        probs = rng.uniform(0.2, 0.3, size=(2, 50, 4))  # every neuron fires about equally everywhere ...
+        for k in range(sharp):  # ... except `sharp` that fire in one language only
+            layer, neuron = divmod(k, 50)
+            probs[layer, neuron] = [0.9, 0.01, 0.01, 0.01]
+        return torch.from_numpy(probs)
+
+    counts = {}
+    for sharp in (3, 12):
+        probs = planted(sharp)
+        by_threshold = select_language_neurons(probs, languages, quantile=0.9, entropy_threshold=0.5)
+        by_share = select_language_neurons(probs, languages, top_share=0.05, quantile=0.9)
+        # One neuron at a time: entropy of its normalised probabilities, a candidate above the threshold.
+        expected = set()
+        for layer in range(2):
+            for neuron in range(50):
+                p = probs[layer, neuron].tolist()
+                q = [x / sum(p) for x in p]
+                entropy = -sum(x * math.log(x) for x in q if x > 0)
+                if max(p) > by_threshold.threshold and entropy <= 0.5:
+                    expected.add((layer, neuron))
+        assert {tuple(i) for i in torch.nonzero(by_threshold.selected).tolist()} == expected
+        counts[sharp] = (int(by_threshold.selected.sum()), int(by_share.selected.sum()))
+    assert counts[3][0] == 3 and counts[12][0] == 12  # the planted neurons, counted
+    assert counts[3][1] == counts[12][1] == 5  # 5% of 100, whatever the model
+    with pytest.raises(ValueError, match="entropy_threshold is an entropy in nats"):
+        NeuronSpecificity({"a": ["x"]}, entropy_threshold=-1.0)
