@@ -39,6 +39,7 @@ class Preemption(pl.Callback):
         self.received: Optional[int] = None
         self.checkpoint: Optional[Path] = None  # where the preemption checkpoint went, once saved
         self.step: Optional[int] = None
+        self.rank = 0
 
     @property
     def preempted(self) -> bool:
@@ -49,17 +50,19 @@ class Preemption(pl.Callback):
             for signum in self.signals:
                 signal.signal(signum, self._on_signal)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.rank = trainer.global_rank
+
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install()
-        self._rank = trainer.global_rank
 
     def _on_signal(self, signum: int, frame) -> None:
         first = self.received is None
         self.received = signum
-        if first and getattr(self, "_rank", 0) == 0:
+        if first and self.rank == 0:
             # os.write: a signal handler must not take the locks print() may hold.
             os.write(2, f"lightning-moo: {signal.Signals(signum).name} received: saving a checkpoint after this step\n".encode())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -59,27 +59,42 @@ def drop_frozen(state_dict: dict[str, Any], module: nn.Module) -> dict[str, Any]
     return {key: value for key, value in state_dict.items() if key not in frozen}
 
 
-def check_trainable(saved: list[str], module: nn.Module) -> None:
-    """Refuse a checkpoint that trained other parameters than ``module`` trains (another adapter
-    config, or a full fine-tune resumed with an adapter): a non-strict load would skip them silently."""
+def trainable_difference(saved: list[str], module: nn.Module) -> Optional[str]:
+    """How the parameters a checkpoint trained differ from those ``module`` trains, in words; None
+    when they are the same (another adapter config, or a full fine-tune against an adapter, differ)."""
     current = trainable_names(module)
     if saved == current:
-        return
+        return None
     missing, extra = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    raise RuntimeError(
-        "the checkpoint trained other parameters than this model trains "
-        f"({len(saved)} saved, {len(current)} now; not in the checkpoint: {missing[:3]}, only in the checkpoint: "
-        f"{extra[:3]}). Resume with the model.peft (and model) settings the checkpoint was trained with."
-    )
+    return (f"({len(saved)} in the checkpoint, {len(current)} in the model; not in the checkpoint: {missing[:3]}, "
+            f"only in the checkpoint: {extra[:3]})")
+
+
+def check_trainable(saved: list[str], module: nn.Module) -> None:
+    """Refuse a checkpoint that trained other parameters than ``module`` trains: a non-strict load
+    would skip them silently."""
+    difference = trainable_difference(saved, module)
+    if difference is not None:
+        raise RuntimeError(f"the checkpoint trained other parameters than this model trains {difference}. "
+                           "Resume with the model.peft (and model) settings the checkpoint was trained with.")
+
+
+def saved_trainable(checkpoint_dir: Any) -> Optional[list[str]]:
+    """The parameter names a DeepSpeed checkpoint directory lists as trained; None for a checkpoint
+    from before that list, or without a model-states file (DeepSpeed then names what is missing).
+    Memory-mapped: the weights are not read."""
+    directory = Path(checkpoint_dir)
+    latest = directory / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else "checkpoint"  # Lightning's tag
+    states = directory / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        return None
+    return torch.load(states, map_location="cpu", mmap=True, weights_only=False).get(TRAINABLE)
 
 
 def check_deepspeed_checkpoint(path: Any, module: nn.Module) -> None:
     """``check_trainable`` for a DeepSpeed checkpoint directory, before DeepSpeed loads it (whose own
-    error for a different set of parameters is about "parameter-alignment layout"). Memory-mapped:
-    the weights are not read."""
-    states = Path(path) / "checkpoint" / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        return  # DeepSpeed names what is missing
-    saved = torch.load(states, map_location="cpu", mmap=True, weights_only=False).get(TRAINABLE)
+    error for a different set of parameters is about "parameter-alignment layout")."""
+    saved = saved_trainable(path)
     if saved is not None:
         check_trainable(saved, module)

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from torch import Tensor
 
-from .adapters import TRAINABLE, trainable_names
+from .adapters import TRAINABLE, saved_trainable, trainable_difference, trainable_names
 from .cli import MOOCLI
 from .data import MultilingualDataModule
 from .hf import _split_gguf
@@ -101,17 +101,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[list[str]]]
 def read_deepspeed_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[list[str]]]:
     """``read_checkpoint`` of a DeepSpeed checkpoint directory: DeepSpeed's own consolidation of the
     fp32 weights (all ZeRO partitions; the frozen ones are absent when excluded at save)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    latest = path / "latest"
-    if not latest.is_file():
+    if not (path / "latest").is_file():
         raise ExportError(f"{path} is a directory without a `latest` file, so not a DeepSpeed checkpoint: "
                           "pass the <name>.ckpt directory that fit wrote")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path))
-    # The model-states file also holds Lightning's keys; memory-mapped, so its weights are not read.
-    model_states = get_model_state_files(str(path / latest.read_text().strip()))[0]
-    trained = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False).get(TRAINABLE)
-    return state, trained
+    return get_fp32_state_dict_from_zero_checkpoint(str(path)), saved_trainable(path)
 
 
 def load_weights(module: MultilingualLM, state: dict[str, Tensor], trained: Optional[list[str]], path: Path) -> None:
@@ -119,12 +114,9 @@ def load_weights(module: MultilingualLM, state: dict[str, Tensor], trained: Opti
     load (needed, since frozen weights are not in adapter checkpoints) would skip them silently."""
     fix = "export with the config (model and model.peft) the checkpoint was trained with"
     trainable = trainable_names(module)
-    if trained is not None and set(trained) != set(trainable):
-        missing, extra = sorted(set(trainable) - set(trained)), sorted(set(trained) - set(trainable))
-        raise ExportError(
-            f"{path} trained other parameters than this config's model trains ({len(trained)} in the checkpoint, "
-            f"{len(trainable)} in the model; not in the checkpoint: {missing[:3]}, only in the checkpoint: {extra[:3]}): {fix}"
-        )
+    difference = trainable_difference(trained, module) if trained is not None else None
+    if difference is not None:
+        raise ExportError(f"{path} trained other parameters than this config's model trains {difference}: {fix}")
     unknown = sorted(set(state) - set(module.state_dict()))
     if unknown:
         raise ExportError(f"{path} holds {len(unknown)} parameters this config's model does not have "

@@ -73,6 +73,10 @@ class RunContext:
     reported: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def child_ranks(self) -> dict[int, subprocess.Popen]:
+        """The launcher's children by global rank: the launcher is its node's local rank 0."""
+        return {self.rank + i + 1: proc for i, proc in enumerate(self.children)}
+
     def describe(self, rank: int) -> str:
         names = self.languages.get(rank)
         return f"rank {rank} ({', '.join(names)})" if names else f"rank {rank}"
@@ -166,8 +170,8 @@ def report_once(context: RunContext, deadline: float) -> None:
 
 
 def _report(context: RunContext, deadline: float) -> None:
-    children = {r + 1: proc for r, proc in enumerate(context.children)}
-    records = _records(context, deadline, expect=set(range(context.world_size)) if context.children else {context.rank})
+    children = context.child_ranks()
+    records = _records(context, deadline, expect={context.rank, *children})
     causes = [r for r in records.values() if not r["peer"]]
     lines = []
     by_error: dict[str, list[int]] = {}  # the same error on several ranks (a bad config, a diverged step): one line
@@ -226,7 +230,7 @@ def _may_still_write(context: RunContext, rank: int) -> bool:
         return False
     if not context.children:
         return True
-    proc = context.children[rank - 1] if 0 < rank <= len(context.children) else None
+    proc = context.child_ranks().get(rank)
     return proc is not None and proc.poll() is None and _child_state(proc) is None
 
 

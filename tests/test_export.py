@@ -5,9 +5,6 @@ Hugging Face directories, checked against the trained module's own logits and De
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +18,9 @@ from lightning_moo.module import MultilingualLM
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DISTRIBUTED = HERE / "distributed"  # cli_callbacks.SaveParams, named by the configs
-TIMEOUT = 300
+DISTRIBUTED = HERE / "distributed"  # cli_callbacks.SaveParams, named by the configs; test_cli's launcher
+sys.path.insert(0, str(DISTRIBUTED))
+from test_cli import launch  # noqa: E402
 STEPS = 4
 MODEL = {"model_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                           "num_attention_heads": 2, "num_key_value_heads": 1},
@@ -59,20 +57,10 @@ def config(out: Path, run: str, peft: dict | None) -> Path:
 
 def run(*args: str, returncode: int = 0) -> str:
     """``python -m lightning_moo.cli ARGS`` (or any script) in its own session, killed at the timeout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(DISTRIBUTED), env.get("PYTHONPATH", "")]))
     command = list(args) if args[0].endswith(".py") else ["-m", "lightning_moo.cli", *args]
-    proc = subprocess.Popen([sys.executable, *command], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert proc.returncode == returncode, output[-4000:]
-    return output
+    result = launch(*command)
+    assert result.returncode == returncode, result.stdout[-4000:]
+    return result.stdout
 
 
 def export(*args: str) -> None:

@@ -54,11 +54,18 @@ def config(out: Path, run: str, extra_callbacks=(), devices: int = 2) -> Path:
     return path
 
 
-def cli(*args: str, expect_kill: bool = False, expect_fail: bool = False) -> subprocess.CompletedProcess:
+def cli_env(*paths: Path) -> dict[str, str]:
+    """The environment of a CLI subprocess: no rank variables of an enclosing run, one thread, and
+    the repository, this folder (the test callbacks) and ``paths`` importable."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")]))
-    # A new session, so that a hang or a killed rank zero never leaves its peer rank behind.
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_moo.cli", *args], env=env, cwd=REPO,
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), *map(str, paths), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def launch(*command: str) -> subprocess.CompletedProcess:
+    """``python COMMAND`` in a new session, so that a hang or a killed rank zero never leaves its peer
+    rank behind: the whole session is killed once it returns or times out."""
+    proc = subprocess.Popen([sys.executable, *command], env=cli_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=TIMEOUT)
@@ -67,13 +74,19 @@ def cli(*args: str, expect_kill: bool = False, expect_fail: bool = False) -> sub
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    if expect_kill:
-        assert proc.returncode == -signal.SIGKILL, output[-4000:]
-    elif expect_fail:
-        assert proc.returncode > 0, output[-4000:]
-    else:
-        assert proc.returncode == 0, output[-4000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, output)
+
+
+def cli(*args: str, expect_kill: bool = False, expect_fail: bool = False) -> subprocess.CompletedProcess:
+    result = launch("-m", "lightning_moo.cli", *args)
+    code, output = result.returncode, result.stdout
+    if expect_kill:
+        assert code == -signal.SIGKILL, output[-4000:]
+    elif expect_fail:
+        assert code > 0, output[-4000:]
+    else:
+        assert code == 0, output[-4000:]
+    return result
 
 
 def scalars(log_dir: Path) -> dict[str, dict[int, float]]:

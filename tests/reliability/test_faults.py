@@ -19,7 +19,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "distributed"))
-from test_cli import LANGUAGES, REPO, config, scalars  # noqa: E402
+from test_cli import LANGUAGES, REPO, cli_env, config, scalars  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 6
@@ -47,9 +47,7 @@ class Run:
     does not also wait for ranks that still hold a pipe)."""
 
     def __init__(self, out: Path, *args: str) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), str(HERE.parent / "distributed"),
-                                                                    env.get("PYTHONPATH", "")]))
+        env = cli_env(HERE)  # fault_callbacks importable
         self.log = out / f"output_{len(list(out.glob('output_*')))}.txt"
         self.start = time.monotonic()
         with self.log.open("w") as log:
@@ -79,12 +77,8 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def params(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path)
-
-
 def assert_same_training(reference: Path, resumed: Path, ref_logs: Path, new_logs: Path, from_step: int) -> None:
-    expected, got = params(reference), params(resumed)
+    expected, got = torch.load(reference), torch.load(resumed)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
     before, after = scalars(ref_logs), scalars(new_logs)
