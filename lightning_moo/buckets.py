@@ -54,11 +54,12 @@ class BucketInfo:
     index: int
     params: tuple[ParamRange, ...]
     numel: int
-    gram: Tensor  # T×T float64, on CPU
-    weights: Tensor  # T float64, on CPU
+    # On CPU once the backward is over (a bucket solved on a GPU keeps them there until then).
+    gram: Tensor  # T×T float64
+    weights: Tensor  # T float64
     step: int
-    # P×T×T float64 on CPU, one Gram per entry of ``params`` (they sum to ``gram``): what lets
-    # monitoring aggregate exactly by layer or module kind when a bucket spans several.
+    # P×T×T float64, one Gram per entry of ``params`` (they sum to ``gram``): what lets monitoring
+    # aggregate exactly by layer or module kind when a bucket spans several.
     param_grams: Optional[Tensor] = None
 
 

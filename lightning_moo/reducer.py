@@ -10,6 +10,12 @@ the rest the same way for every engine:
    averaging) and otherwise every rank raises, naming the ranks, languages and parameters at fault;
 3. the exchange writes ``sum_t w_t g_t`` into the elements this rank owns;
 4. a :class:`~lightning_moo.buckets.BucketInfo` records the bucket for monitoring.
+
+On CUDA a host solver stalls the thread that launches the backward's kernels: the Gram must reach
+the host, so everything queued before it must finish. With ``on_device`` a solver that can solve on
+the device (``solver.weights_on_device``, e.g. MGDA for T ≤ 12) does, and nothing in the reduction
+waits for the device: non-finite Grams and the monitoring records are dealt with once per backward,
+in :meth:`BucketReducer.check_step`, which the engine calls after the backward and before the step.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ class BucketReducer:
         loss_scaling: fp16 with dynamic loss scaling, where a non-finite gradient is an overflow the
             engine skips, not an error.
         group: the data-parallel process group (default: the world).
+        on_device: solve on the gradients' device where the solver can (see above): ``None`` when the
+            gradients are on CUDA, ``True`` on any device (the CPU proofs of that path), ``False``
+            never. Unless False the engine must call :meth:`check_step` after every backward.
     """
 
     def __init__(
@@ -47,8 +56,12 @@ class BucketReducer:
         engine: str,
         loss_scaling: bool = False,
         group=None,
+        on_device: Optional[bool] = False,
     ) -> None:
         self.solver, self.exchange, self.layout = solver, exchange, layout
+        self.on_device = on_device
+        # Buckets solved on the device this backward, with their piece Grams: checked by check_step.
+        self._unchecked: list[tuple[Bucket, Tensor]] = []
         self.engine, self.loss_scaling, self.group = engine, loss_scaling, group
         self.buckets: dict[int, BucketInfo] = {}
         self.step = -1
@@ -60,19 +73,30 @@ class BucketReducer:
         index need not name the same parameters from one step to the next)."""
         if step != self.step:
             self.step, self.buckets, self._skipped, self.losses = step, {}, False, None
+            self._unchecked = []
 
     def reduce(self, tensor: Tensor, bucket: Bucket, others: Optional[Tensor] = None) -> Tensor:
         """Write the combination into this rank's elements of ``tensor`` (this rank's flat gradient of
         ``bucket``; ``others`` [m - 1, n]: its other languages' rows); return the weights."""
 
+        on_device = self._solves_on_device(tensor)
+
         def solve(gram: Tensor) -> Tensor:
+            if on_device:  # NaN weights for a non-finite Gram; check_step raises or skips after the backward
+                self.solver.bucket, self.solver.step = bucket.index, self.step
+                return self.solver.weights_on_device(gram).to(gram.dtype)
             if not bool(torch.isfinite(gram).all()):
                 return self._non_finite(bucket, tensor, others, gram)
             return self.solver(gram, bucket=bucket.index, step=self.step, losses=self.losses)
 
         pieces = [(p.start, p.end) for p in bucket.params]
         piece_grams, w = self.exchange.reduce(tensor, bucket.owners, pieces, solve, self.layout, self.group, others)
-        if self._skipped:
+        if on_device:
+            self._unchecked.append((bucket, piece_grams))
+            self.buckets[bucket.index] = BucketInfo(  # on the device until check_step
+                bucket.index, bucket.params, tensor.numel(), piece_grams.sum(0), w.detach(), self.step, piece_grams
+            )
+        elif self._skipped:
             self.buckets = {}
         else:
             piece_grams = piece_grams.cpu()
@@ -82,6 +106,31 @@ class BucketReducer:
             )
         return w
 
+    def _solves_on_device(self, tensor: Tensor) -> bool:
+        if self.on_device is False or (self.on_device is None and not tensor.is_cuda):
+            return False
+        return self.solver.supports_on_device(self.layout.num_languages)
+
+    def check_step(self) -> None:
+        """After a backward: the buckets solved on the device are checked (one wait for the device
+        per backward) and their records moved to the host. A non-finite Gram raises on every rank,
+        naming the languages and parameters whose Gram diagonal is non-finite, or, under fp16 loss
+        scaling, leaves the skip to the engine (its weights were NaN, so is the gradient)."""
+        if not self._unchecked:
+            return
+        pending, self._unchecked = self._unchecked, []
+        finite = torch.stack([torch.isfinite(g).all() for _, g in pending]).cpu()
+        for info in self.buckets.values():
+            info.gram, info.weights = info.gram.to("cpu", torch.float64), info.weights.to("cpu", torch.float64)
+            info.param_grams = None if info.param_grams is None else info.param_grams.cpu()
+        if bool(finite.all()):
+            return
+        if self.loss_scaling:
+            self.buckets = {}
+            return
+        bucket, grams = pending[int(torch.nonzero(~finite)[0])]
+        raise_non_finite_grams(self.engine, bucket.index, self.step, bucket.params, grams.cpu(), self.layout)
+
     def _non_finite(self, bucket: Bucket, tensor: Tensor, others: Optional[Tensor], gram: Tensor) -> Tensor:
         if self.loss_scaling:
             self._skipped = True
@@ -90,6 +139,22 @@ class BucketReducer:
         rows = tensor.view(1, -1) if others is None else torch.cat([others.to(tensor.dtype), tensor.view(1, -1)])
         bad_here = [not bool(torch.isfinite(rows[:, p.start : p.end]).all()) for p in bucket.params]
         raise_non_finite(self.engine, bucket.index, self.step, bucket.params, bad_here, self.layout, tensor.device, self.group)
+
+
+def raise_non_finite_grams(
+    engine: str, index: int, step: int, params: Sequence[ParamRange], piece_grams: Tensor, layout: LanguageLayout
+) -> NoReturn:
+    """Name the languages and parameters of a bucket whose all-reduced piece Grams ([P, T, T]) show a
+    non-finite gradient (a NaN or Inf in language t's gradient of piece k makes ``G_k[t, t]``
+    non-finite), then raise. Every rank holds the same Grams, so every rank raises the same."""
+    bad = [f"language {layout.names[t]}: {p.name}"
+           for k, p in enumerate(params) for t in range(piece_grams.shape[1])
+           if not bool(torch.isfinite(piece_grams[k, t, t]))]
+    raise FloatingPointError(
+        f"non-finite gradient in {engine} bucket {index} at step {step} "
+        f"(parameters {[p.name for p in params]}): {'; '.join(bad) or 'an off-diagonal Gram entry overflowed'}. "
+        "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
+    )
 
 
 def raise_non_finite(

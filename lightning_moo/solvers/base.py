@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,27 +74,38 @@ class MOOSolver(ABC):
     def weights(self, gram: Tensor) -> Tensor:
         """Return the T task weights for a symmetric, finite, float64 T×T Gram matrix (CPU)."""
 
+    def supports_on_device(self, num_tasks: int) -> bool:
+        """Whether :meth:`weights_on_device` serves ``num_tasks`` tasks as configured (default: no)."""
+        return False
+
+    def weights_on_device(self, gram: Tensor) -> Tensor:
+        """The weights, computed where ``gram`` lives without waiting for it: no value read on the
+        host (``.item()``, ``bool()``, a copy to the CPU), so on CUDA nothing stalls the backward.
+        Float64 [T] on ``gram``'s device, NaN for a non-finite Gram (the caller checks after the
+        backward). Called only where :meth:`supports_on_device` says so; no validation is done."""
+        raise NotImplementedError(f"{type(self).__name__} solves on the host only")
+
     def neutral_weights(self, num_tasks: int) -> Tensor:
         """Weights returned when every gradient is zero (the direction is zero whatever they are)."""
         return torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
 
     def __call__(self, gram: Tensor, *, bucket: Hashable = 0, step: int = 0, losses: Tensor | None = None) -> Tensor:
-        checked = check_gram(gram)
+        checked = _checked_gram(gram)
+        T = checked.shape[0]
         self.bucket, self.step = bucket, step
-        self.losses = None if losses is None else check_losses(losses, checked.shape[0])
-        if not bool(checked.diagonal().any()):
-            w = self.neutral_weights(checked.shape[0])
+        self.losses = None if losses is None else check_losses(losses, T)
+        if not checked.diagonal().any():
+            w = self.neutral_weights(T)
         else:
-            w = self.weights(checked)
-        w = torch.as_tensor(w, dtype=torch.float64)
-        if w.shape != (checked.shape[0],):
-            raise RuntimeError(
-                f"{type(self).__name__}.weights returned shape {tuple(w.shape)}, expected ({checked.shape[0]},)"
-            )
-        if not bool(torch.isfinite(w).all()):
+            w = self.weights(torch.from_numpy(checked))
+        w = torch.as_tensor(w, dtype=torch.float64, device="cpu")
+        if w.shape != (T,):
+            raise RuntimeError(f"{type(self).__name__}.weights returned shape {tuple(w.shape)}, expected ({T},)")
+        if not np.isfinite(w.detach().numpy()).all():
             raise RuntimeError(f"{type(self).__name__} produced non-finite weights {w.tolist()} for Gram {checked.tolist()}")
-        out_dtype = gram.dtype if gram.dtype.is_floating_point else torch.float64
-        return w.to(device=gram.device, dtype=out_dtype)
+        out_dtype = gram.dtype if isinstance(gram, Tensor) and gram.dtype.is_floating_point else torch.float64
+        device = gram.device if isinstance(gram, Tensor) else "cpu"
+        return w.to(device=device, dtype=out_dtype)
 
     def bucket_state(self) -> dict[str, Any]:
         """Mutable state of the bucket being solved (empty dict on first use)."""
@@ -139,19 +151,29 @@ def check_gram(gram: Tensor) -> Tensor:
     Raises ``ValueError`` naming the problem for a non-square or empty matrix, non-finite
     entries (a NaN or overflowing gradient) and a negative diagonal (not a Gram matrix).
     """
+    return torch.from_numpy(_checked_gram(gram))
+
+
+def _checked_gram(gram: Tensor) -> np.ndarray:
+    """:func:`check_gram` as a NumPy array. At T ≤ a few dozen every torch op costs more than the
+    arithmetic, so the checks and the symmetrisation run in NumPy on the float64 CPU data, which
+    is only converted when it is something else."""
     if not isinstance(gram, Tensor):
         gram = torch.as_tensor(gram)
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
         raise ValueError(f"expected a non-empty square T×T Gram matrix, got shape {tuple(gram.shape)}")
-    g = gram.detach().to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(g).all()):
-        bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(g))[:, 0]})
+    g = gram.detach()
+    if g.device.type != "cpu" or g.dtype != torch.float64:
+        g = g.to(device="cpu", dtype=torch.float64)
+    g = g.numpy()
+    if not np.isfinite(g).all():
+        bad = sorted({int(i) for i in np.nonzero(~np.isfinite(g))[0]})
         raise ValueError(
             f"Gram matrix has non-finite entries (NaN or Inf) in rows {bad}: the gradient of task(s) {bad} "
             "is NaN/Inf or overflowed. Check those tasks' losses, lower the learning rate, or enable loss "
             "scaling / gradient clipping; solvers never return NaN weights."
         )
     diag = g.diagonal()
-    if bool((diag < 0).any()):
+    if (diag < 0).any():
         raise ValueError(f"Gram matrix has a negative diagonal {diag.tolist()}: squared norms cannot be negative")
     return 0.5 * (g + g.T)

@@ -22,6 +22,12 @@ class Mean(MOOSolver):
     def weights(self, gram: Tensor) -> Tensor:
         return self.neutral_weights(gram.shape[0])
 
+    def supports_on_device(self, num_tasks: int) -> bool:
+        return True
+
+    def weights_on_device(self, gram: Tensor) -> Tensor:
+        return self.neutral_weights(gram.shape[0]).to(gram.device)
+
 
 class Sum(MOOSolver):
     """Sum of the task gradients. Declarations: as :class:`Mean`."""
@@ -36,3 +42,9 @@ class Sum(MOOSolver):
 
     def weights(self, gram: Tensor) -> Tensor:
         return self.neutral_weights(gram.shape[0])
+
+    def supports_on_device(self, num_tasks: int) -> bool:
+        return True
+
+    def weights_on_device(self, gram: Tensor) -> Tensor:
+        return self.neutral_weights(gram.shape[0]).to(gram.device)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import MOOSolver
+from .on_device import MAX_TASKS, min_norm_weights_on_device
 from .qp import min_norm_weights
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -66,6 +67,19 @@ class MGDA(MOOSolver):
         n = self._normalizers(gram)
         inv = torch.where(n > 0, 1.0 / n, torch.zeros_like(n))  # a zero gradient stays zero
         w = torch.from_numpy(min_norm_weights((gram * inv[:, None] * inv[None, :]).numpy()))
+        return w * inv if self.apply_to == "normalized" else w
+
+    def supports_on_device(self, num_tasks: int) -> bool:
+        # The loss normalizations read each step's losses, which the strategies hold on the host.
+        return num_tasks <= MAX_TASKS and self.normalization in ("none", "l2")
+
+    def weights_on_device(self, gram: Tensor) -> Tensor:
+        """The same weights by enumeration over supports (exact, no host read; see :mod:`.on_device`)."""
+        if self.normalization == "none":
+            return min_norm_weights_on_device(gram)
+        norms = gram.diagonal().to(torch.float64).clamp_min(0).sqrt()
+        inv = torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+        w = min_norm_weights_on_device(gram * inv[:, None] * inv[None, :])
         return w * inv if self.apply_to == "normalized" else w
 
     def _normalizers(self, gram: Tensor) -> Tensor:

@@ -59,6 +59,11 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             trainable parameter count divided by it (replacing any ``reduce_bucket_size`` given). For
             LoRA, whose gradients fit one default-sized bucket even for a 70B model. A run with fewer
             than 4 buckets per step is warned about after its first step.
+        on_device: where a solver that can run on the gradients' device (MGDA and Mean for up to 12
+            languages: ``solver.supports_on_device``) solves: ``None`` (default) on CUDA, so that no
+            bucket waits for the host; ``True`` on CPU too; ``False`` always on the host (the exact
+            active-set solvers, and an error raised in the bucket's own reduction rather than after
+            the backward). Other solvers always solve on the host.
         **kwargs: everything Lightning's ``DeepSpeedStrategy`` takes (``stage``, ``config``, ...).
     """
 
@@ -70,6 +75,7 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         languages: Union[int, list[str], None] = None,
         stash_device: Optional[str] = None,
         target_buckets: Optional[int] = None,
+        on_device: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -83,6 +89,7 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         self.languages = languages
         self.stash_device = stash_device
         self.target_buckets = target_buckets
+        self.on_device = on_device
         self._bucket_count_checked = False
         self.layout: Optional[LanguageLayout] = None  # known once the world size is
         self.hook: Optional[ZeroBucketHook] = None
@@ -150,8 +157,9 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             names = {id(p): n for n, p in self.deepspeed_engine.module.named_parameters()}
             # fp16 with dynamic loss scaling: DeepSpeed must see an overflow, skip the step and lower
             # the scale, exactly as it would for an averaged gradient.
+            # On CUDA a solver that can solve on the device does (no host stall inside the backward).
             reducer = BucketReducer(self.solver, self.exchange, self.layout, "ZeRO", optimizer.dynamic_loss_scale,
-                                    optimizer.dp_process_group)
+                                    optimizer.dp_process_group, on_device=self.on_device)
             self.hook = ZeroBucketHook(optimizer, reducer, names)
             _compat.install_bucket_reduction(optimizer, self.hook)
 
@@ -174,7 +182,10 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             # sum_t w_t (mean gradient of language t).
             scale = self.world_size * w[self.language] / self.layout.ranks_per_language
             closure_loss = closure_loss * scale.to(closure_loss.dtype)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        if self.hook is not None:
+            self.hook.reducer.check_step()  # what was solved on the device, checked before the step
+        return loss
 
     def _global_weights(self, loss: Tensor) -> Tensor:
         """Weights of the solver for the Gram of the full per-language gradients.

@@ -76,6 +76,7 @@ def make_strategy(spec: dict):
         languages=spec.get("languages"),
         stash_device=spec.get("stash_device"),
         target_buckets=spec.get("target_buckets"),
+        on_device=spec.get("on_device"),
         **args,
     )
 
