@@ -33,6 +33,50 @@ from .layout import LanguageLayout
 Solve = Callable[[Tensor], Tensor]
 
 
+class PieceRows:
+    """A rank's gradient rows of one bucket (one per language it trains), kept as the pieces they
+    were computed in: ``rows[i]`` lists ``(start, flat tensor)`` pieces that tile ``[0, n)`` in order.
+
+    A rank with several languages stashes each language's gradient parameter by parameter; the
+    exchange copies those pieces straight into what it sends, instead of first assembling every
+    row of the bucket (each such copy of m × n elements measured as much as the reduction's own
+    communication on CPU).
+    """
+
+    def __init__(self, rows: list[list[tuple[int, Tensor]]]) -> None:
+        self.rows = rows
+
+    @classmethod
+    def of(cls, tensor: Tensor, others: "PieceRows | Tensor | None" = None) -> "PieceRows":
+        """``others``' rows (a PieceRows or an [m - 1, n] tensor), then ``tensor``: language order."""
+        if others is None:
+            first: list[list[tuple[int, Tensor]]] = []
+        elif isinstance(others, PieceRows):
+            first = others.rows
+        else:
+            first = [[(0, row)] for row in others]
+        return cls(first + [[(0, tensor.view(-1))]])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pieces(self, start: int, end: int, like: Tensor) -> list[Tensor]:
+        """Every row's elements ``[start, end)``, row after row, in ``like``'s dtype and device."""
+        out = []
+        for row in self.rows:
+            for offset, piece in row:
+                lo, hi = max(start, offset), min(end, offset + piece.numel())
+                if lo < hi:
+                    out.append(piece[lo - offset : hi - offset].to(device=like.device, dtype=like.dtype))
+        return out
+
+    def dense(self, like: Tensor) -> Tensor:
+        """The rows as one [m, n] tensor."""
+        if len(self.rows) == 1 and len(self.rows[0]) == 1:
+            return self.rows[0][0][1].view(1, -1)
+        return torch.cat(self.pieces(0, like.numel(), like)).view(len(self.rows), -1)
+
+
 class Exchange(ABC):
     """Reduce one bucket: ``reduce(tensor, segments, pieces, solve, group) -> (piece Grams, weights)``.
 
@@ -58,15 +102,15 @@ class Exchange(ABC):
         solve: Solve,
         layout: LanguageLayout,
         group=None,
-        others: Tensor | None = None,
+        others: PieceRows | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Overwrite this rank's segments of ``tensor`` with the solver's combination; return
-        ``(G_pieces [P, T, T], w)``. ``others`` ([m - 1, n]): the gradients of this rank's other
+        ``(G_pieces [P, T, T], w)``. ``others`` (m - 1 rows of n): the gradients of this rank's other
         languages when it trains m, which come before ``tensor``'s language."""
 
     def gram(self, tensor: Tensor, layout: LanguageLayout, group=None) -> Tensor:
         """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
-        mine = _gather_slices(tensor.view(1, -1), even_segments(tensor.numel(), dist.get_world_size(group)), group)
+        mine = _gather_slices(PieceRows.of(tensor), even_segments(tensor.numel(), dist.get_world_size(group)), group, tensor)
         partial = layout.language_grams(gram(mine))
         dist.all_reduce(partial, group=group)
         return partial
@@ -85,10 +129,10 @@ class AllGatherExchange(Exchange):
         solve: Solve,
         layout: LanguageLayout,
         group=None,
-        others: Tensor | None = None,
+        others: PieceRows | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         world = dist.get_world_size(group)
-        rows = _rows(tensor, others)
+        rows = PieceRows.of(tensor, others).dense(tensor)
         # gloo's all_gather_into_tensor wants one flat output of world × n elements.
         flat = tensor.new_empty(world * rows.numel())
         dist.all_gather_into_tensor(flat, rows.reshape(-1), group=group)
@@ -115,20 +159,20 @@ class ShardedExchange(Exchange):
         solve: Solve,
         layout: LanguageLayout,
         group=None,
-        others: Tensor | None = None,
+        others: PieceRows | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        rows = _rows(tensor, others)
+        rows = PieceRows.of(tensor, others)
         # Even slices, not DeepSpeed's partitions: a bucket often lies inside one rank's partition,
         # and that rank would then receive all T copies of it and solve alone.
         slices = even_segments(tensor.numel(), world)
         m = slices[rank].length
-        gathered = world * rows.shape[0]
+        gathered = world * len(rows)
         # Layout: [received R×m slices, later reused for the second all-to-all | combined slice].
         scratch_len = max(gathered * m, tensor.numel())
         work = self._buffer(scratch_len + m, tensor)
         scratch, combined = work[:scratch_len], work[scratch_len:]
-        mine = _gather_slices(rows, slices, group, out=scratch[: gathered * m].view(gathered, m))
+        mine = _gather_slices(rows, slices, group, tensor, out=scratch[: gathered * m].view(gathered, m))
         # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
         piece_grams = layout.language_grams(_piece_grams(mine, slices[rank].start, pieces))
         dist.all_reduce(piece_grams, group=group)
@@ -180,22 +224,17 @@ def _send_to_owners(
         offset += n
 
 
-def _rows(tensor: Tensor, others: Tensor | None) -> Tensor:
-    """This rank's gradients of the bucket as rows, in language order."""
-    row = tensor.view(1, -1)
-    return row if others is None else torch.cat([others.to(tensor.dtype), row])
-
-
-def _gather_slices(rows: Tensor, slices: Sequence[Segment], group, out: Tensor | None = None) -> Tensor:
-    """All-to-all: rank r receives slice r of every rank's rows ([m, n] each), as an (N·m)×len matrix
-    whose row ``rank·m + i`` is row i of that rank."""
+def _gather_slices(rows: PieceRows, slices: Sequence[Segment], group, like: Tensor, out: Tensor | None = None) -> Tensor:
+    """All-to-all: rank r receives slice r of every rank's m rows, as an (N·m)×len matrix whose row
+    ``rank·m + i`` is row i of that rank. What is sent is copied once, straight from the pieces
+    (one language's contiguous gradient is sent as it is)."""
     world, rank = len(slices), dist.get_rank(group)
-    count, length = rows.shape[0], slices[rank].length
-    if count == 1:
-        send = rows.view(-1)
+    count, length = len(rows), slices[rank].length
+    if count == 1 and len(rows.rows[0]) == 1:
+        send = rows.rows[0][0][1]
     else:  # each destination's slice of all m rows, contiguous
-        send = torch.cat([rows[:, s.start : s.start + s.length].reshape(-1) for s in slices])
-    mine = rows.new_empty(world * count, length) if out is None else out
+        send = torch.cat([piece for s in slices for piece in rows.pieces(s.start, s.start + s.length, like)])
+    mine = like.new_empty(world * count, length) if out is None else out
     dist.all_to_all_single(mine.view(-1), send, [count * length] * world, [count * s.length for s in slices], group=group)
     return mine
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .buckets import Bucket, BucketInfo, ParamRange
-from .exchange import Exchange
+from .exchange import Exchange, PieceRows
 from .layout import LanguageLayout
 from .solvers import MOOSolver
 
@@ -75,7 +75,7 @@ class BucketReducer:
             self.step, self.buckets, self._skipped, self.losses = step, {}, False, None
             self._unchecked = []
 
-    def reduce(self, tensor: Tensor, bucket: Bucket, others: Optional[Tensor] = None) -> Tensor:
+    def reduce(self, tensor: Tensor, bucket: Bucket, others: Optional[PieceRows | Tensor] = None) -> Tensor:
         """Write the combination into this rank's elements of ``tensor`` (this rank's flat gradient of
         ``bucket``; ``others`` [m - 1, n]: its other languages' rows); return the weights."""
 
@@ -131,12 +131,12 @@ class BucketReducer:
         bucket, grams = pending[int(torch.nonzero(~finite)[0])]
         raise_non_finite_grams(self.engine, bucket.index, self.step, bucket.params, grams.cpu(), self.layout)
 
-    def _non_finite(self, bucket: Bucket, tensor: Tensor, others: Optional[Tensor], gram: Tensor) -> Tensor:
+    def _non_finite(self, bucket: Bucket, tensor: Tensor, others: Optional[PieceRows | Tensor], gram: Tensor) -> Tensor:
         if self.loss_scaling:
             self._skipped = True
             return torch.full((gram.shape[0],), float("nan"), dtype=gram.dtype, device=gram.device)
         # ``tensor`` and ``others`` still hold this rank's own gradients: exchanges solve before they combine.
-        rows = tensor.view(1, -1) if others is None else torch.cat([others.to(tensor.dtype), tensor.view(1, -1)])
+        rows = PieceRows.of(tensor, others).dense(tensor)
         bad_here = [not bool(torch.isfinite(rows[:, p.start : p.end]).all()) for p in bucket.params]
         raise_non_finite(self.engine, bucket.index, self.step, bucket.params, bad_here, self.layout, tensor.device, self.group)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..buckets import Bucket, ParamRange, Segment
+from ..exchange import PieceRows
 from ..reducer import BucketReducer
 from .. import _compat
 
@@ -44,7 +47,7 @@ class ZeroBucketHook:
         bucket = self._describe(members)
         work = tensor if tensor.dtype == communication_data_type else tensor.to(communication_data_type)
         with _compat.reduction_stream(opt, communication_data_type):
-            others = self._stashed_rows([p for p, _ in members], work)
+            others = self._stashed_rows([p for p, _ in members])
             self.reducer.reduce(work, bucket, others)
             del others  # a bucket as large as the model (mode='global') must not outlive its reduction
             if work is not tensor:
@@ -65,8 +68,9 @@ class ZeroBucketHook:
         index, self._next_index = self._next_index, self._next_index + 1
         return Bucket(index, tuple(params), tuple(owners))
 
-    def _stashed_rows(self, params: list[Tensor], like: Tensor):
-        """This bucket's gradients of the rank's other languages, as rows in language order."""
+    def _stashed_rows(self, params: list[Tensor]) -> Optional[PieceRows]:
+        """This bucket's gradients of the rank's other languages, in language order, as the stashed
+        per-parameter pieces: the exchange copies them once, straight into what it sends."""
         m = self.reducer.layout.languages_per_rank
         if m == 1:
             return None
@@ -76,13 +80,13 @@ class ZeroBucketHook:
                 f"language's backward: call strategy.stash_gradient(loss) for each of the first {m - 1}, then "
                 "manual_backward(loss) for the last"
             )
-        # Filled in place, each stashed gradient released once copied: a bucket as large as the
-        # model (mode='global') then holds one copy of the other languages' gradients, not three.
-        rows = torch.empty(len(self.stash), sum(p.numel() for p in params), dtype=like.dtype, device=like.device)
-        for row, stashed in zip(rows, self.stash):
-            offset = 0
+        rows = []
+        for stashed in self.stash:
+            # Popped: once this bucket is reduced nothing holds its stashed gradients (mode='global': the
+            # whole model's), so the stash shrinks bucket by bucket.
+            pieces, offset = [], 0
             for p in params:
-                g = stashed.pop(id(p))
-                row[offset : offset + g.numel()].copy_(g.reshape(-1))
-                offset += g.numel()
-        return rows
+                pieces.append((offset, stashed.pop(id(p)).reshape(-1)))
+                offset += p.numel()
+            rows.append(pieces)
+        return PieceRows(rows)
