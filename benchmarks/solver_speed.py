@@ -1,25 +1,40 @@
-"""Time the solvers' ``weights`` and the Gram + combine kernels, against stock averaging.
+"""Time the solvers on four families of Gram matrices, the Gram + combine kernels, and (with
+``--vs-torchjd``) the same methods in TorchJD on the same Jacobians.
 
-    python benchmarks/solver_speed.py                       # CPU, float32
+    python benchmarks/solver_speed.py --out benchmarks/results/solver_speed_cpu.md
     python benchmarks/solver_speed.py --device cuda --dtype bfloat16 --out benchmarks/results/solver_speed_cuda.md
+    python benchmarks/solver_speed.py --vs-torchjd --out benchmarks/results/solver_speed_vs_torchjd_cpu.md
 
-Part 1 times every registered solver: ``solver(gram)`` for T tasks on random conflicting Grams
-(median of repeats; this is per bucket and per step, and the same on every device since solvers
-work on a T×T CPU copy), and ``weighting.weigh(losses, step)`` for the loss-based weightings (once
-per step, not per bucket), consecutive steps on one instance so that stateful solvers run warm.
-Part 2 times, for one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix and
-the weighted combination against the stock path (the mean of the T gradients), as ratios
-measured in the same run.
+The Jacobians J (T × 2000, float64) come in four families: ``random`` (a weak shared component
+plus noise), ``hard-conflict`` (a strong shared component, negated and halved for half of the
+tasks: J[T//2:] gets -0.5 times it), ``rank-deficient`` (T gradients in max(1, T//2) dimensions) and
+``ill-conditioned`` (singular values 1 … 1e-8).
+
+Part 1 times every registered solver: the whole call ``solver(gram)`` (validation, float64 copy
+and dtype round trip included) for T tasks, one Jacobian per repeat (median; this is per bucket
+and per step, and the same on every device since solvers work on a T×T CPU copy), consecutive
+steps on one instance so that stateful solvers run warm; ``weighting.weigh(losses, step)`` for the
+loss-based weightings (once per step, not per bucket), on random instances only. Part 2 times, for
+one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix and the weighted
+combination against the stock path (the mean of the T gradients), as ratios measured in the same
+run.
+
+``--vs-torchjd`` (needs ``pip install -e .[bench]``) instead times, on the same J, what an update
+costs each library: ours ``w = solver(J @ J.T); w @ J``, TorchJD's ``aggregator(J)`` (which forms
+the Gramian, solves and combines), alternating the two call by call; TorchJD's MGDA is
+Frank–Wolfe to 1e-3 (inexact), its UPGrad/DualProj use quadprog, its CAGrad and NashMTL cvxpy.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -28,6 +43,8 @@ from lightning_moo.gram import combine, gram
 from lightning_moo.solvers import BUILTIN, MGDA
 
 SOLVERS = [cls for cls in BUILTIN if cls.__name__ != "Sum"]  # Sum costs what Mean does
+FAMILIES = ("random", "hard-conflict", "rank-deficient", "ill-conditioned")
+DIM = 2000
 
 
 def median_time(fn, repeats: int, sync=lambda: None) -> float:
@@ -42,19 +59,34 @@ def median_time(fn, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def random_gram(T: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    J = 0.3 * torch.randn(1, 256, generator=g, dtype=torch.float64) + torch.randn(T, 256, generator=g, dtype=torch.float64)
-    return J @ J.T
+def jacobian(family: str, T: int, seed: int) -> torch.Tensor:
+    """One T × DIM float64 Jacobian of ``family`` (see the module docstring)."""
+    rng = np.random.default_rng([seed, T, FAMILIES.index(family)])
+    if family == "random":
+        J = 0.3 * rng.normal(size=(1, DIM)) + rng.normal(size=(T, DIM))
+    elif family == "hard-conflict":
+        shared = 2.0 * rng.normal(size=(1, DIM))
+        J = shared + rng.normal(size=(T, DIM))
+        J[T // 2:] -= 1.5 * shared  # the shared component times -0.5 for half of the tasks
+    elif family == "rank-deficient":
+        r = max(1, T // 2)
+        J = rng.normal(size=(T, r)) @ rng.normal(size=(r, DIM))
+    else:
+        U, _ = np.linalg.qr(rng.normal(size=(T, T)))
+        V, _ = np.linalg.qr(rng.normal(size=(DIM, T)))
+        J = (U * np.logspace(0, -8, T)) @ V.T
+    return torch.from_numpy(J)
 
 
-def solver_table(tasks: list[int], repeats: int) -> tuple[list[str], list[list[str]]]:
+def solver_table(family: str, tasks: list[int], repeats: int) -> tuple[list[str], list[list[str]]]:
     header = ["solver"] + [f"T={T} (ms)" for T in tasks]
     rows = []
     for cls in SOLVERS:
+        if not cls.uses_gram and family != "random":
+            continue
         row = [cls.__name__ + ("" if cls.uses_gram else " (per step, from losses)")]
         for T in tasks:
-            grams = [random_gram(T, s) for s in range(repeats)]
+            grams = [(lambda J: J @ J.T)(jacobian(family, T, s)) for s in range(repeats)]
             solver = cls()
             times = []
             for step, G in enumerate(grams):
@@ -87,6 +119,63 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
     return header, rows
 
 
+def torchjd_pairs(T: int) -> list[tuple[str, object, object]]:
+    """(name, our solver, TorchJD's aggregator) for every method both have, same hyperparameters."""
+    from torchjd import aggregation as tjd
+
+    from lightning_moo import solvers as ours
+
+    return [
+        ("MGDA", ours.MGDA(), tjd.MGDA()),
+        ("CAGrad(c=0.5)", ours.CAGrad(c=0.5), tjd.CAGrad(c=0.5)),
+        ("UPGrad", ours.UPGrad(), tjd.UPGrad()),
+        ("DualProj", ours.DualProj(), tjd.DualProj()),
+        ("PCGrad", ours.PCGrad(), tjd.PCGrad()),
+        ("IMTLG", ours.IMTLG(), tjd.IMTLG()),
+        ("AlignedMTL", ours.AlignedMTL(), tjd.AlignedMTL()),
+        ("NashMTL", ours.NashMTL(), tjd.NashMTL(n_tasks=T)),
+        ("GradVac(beta=0.01)", ours.GradVac(beta=0.01), tjd.GradVac(beta=0.01)),
+        ("FairGrad(alpha=2)", ours.FairGrad(alpha=2.0), tjd.FairGrad(alpha=2.0)),
+        ("ConFIG", ours.ConFIG(), tjd.ConFIG()),
+    ]
+
+
+def torchjd_table(family: str, tasks: list[int], repeats: int) -> tuple[list[str], list[list[str]]]:
+    """Per method and T: ``ours / TorchJD ms (ratio)``, medians over ``repeats`` Jacobians of the
+    faster of three calls, the two libraries called alternately."""
+    header = ["method"] + [f"T={T}: ours / TorchJD ms (ratio)" for T in tasks]
+    cells: dict[str, list[str]] = {}
+    for T in tasks:
+        Js = [jacobian(family, T, s) for s in range(repeats)]
+        for name, solver, aggregator in torchjd_pairs(T):
+            ours_t, theirs_t = [], []
+            for step, J in enumerate(Js):
+                # The faster of three alternating calls per Jacobian: on shared cores a call is
+                # sometimes descheduled for milliseconds, which says nothing about either library.
+                ours, theirs = [], []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    solver(J @ J.T, step=step) @ J
+                    ours.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    try:
+                        aggregator(J)
+                    except Exception:  # TorchJD's QP solvers can fail on degenerate Gramians
+                        break
+                    theirs.append(time.perf_counter() - start)
+                ours_t.append(min(ours))
+                if len(theirs) == 3:
+                    theirs_t.append(min(theirs))
+            a = 1e3 * statistics.median(ours_t)
+            if theirs_t:
+                b = 1e3 * statistics.median(theirs_t)
+                cell = f"{a:.3f} / {b:.3f} ({a / b:.2f}×)" + ("" if len(theirs_t) == len(Js) else f" [TorchJD failed {len(Js) - len(theirs_t)}/{len(Js)}]")
+            else:
+                cell = f"{a:.3f} / failed"
+            cells.setdefault(name, []).append(cell)
+    return header, [[name, *row] for name, row in cells.items()]
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -96,24 +185,39 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     p.add_argument("--elements", type=int, default=50_000_000, help="bucket size for the kernel timing")
     p.add_argument("--kernel-tasks", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--vs-torchjd", action="store_true", help="compare with TorchJD instead (pip install -e .[bench])")
     p.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = p.parse_args(argv)
 
     console = Console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    versions = f"torch {torch.__version__}, NumPy {np.__version__}"
+    tables = []
+    if args.vs_torchjd:
+        versions += f", TorchJD {importlib.metadata.version('torchjd')}"
+        for family in args.families:
+            with console.status(f"timing ours and TorchJD on {family} Jacobians ..."):
+                tables.append((f"{family}: J @ J.T + solver + w @ J (ours) vs aggregator(J) (TorchJD), "
+                               f"T × {DIM} float64, median ms", torchjd_table(family, args.tasks, args.repeats)))
+    else:
+        for family in args.families:
+            with console.status(f"timing solver(gram) on {family} Grams ..."):
+                tables.append((f"{family}: solver(gram), median ms per call", solver_table(family, args.tasks, args.repeats)))
+        with console.status(f"timing Gram + combine on {args.elements:.0e} elements ..."):
+            tables.append((f"one bucket: {args.elements:,} elements × T={args.kernel_tasks}, {args.dtype} on {args.device}",
+                           kernel_table(args.elements, args.kernel_tasks, args.device, dtype, max(3, args.repeats // 4))))
     sections = [f"Command: `python benchmarks/{Path(__file__).name} {' '.join(argv if argv is not None else sys.argv[1:])}`",
-                f"Device: {device_name}; torch {torch.__version__}"]
-    with console.status("timing solver.weights ..."):
-        h1, r1 = solver_table(args.tasks, args.repeats)
-    with console.status(f"timing Gram + combine on {args.elements:.0e} elements ..."):
-        h2, r2 = kernel_table(args.elements, args.kernel_tasks, args.device, dtype, max(3, args.repeats // 4))
-    for title, (h, rows) in [("solver.weights(gram), median per call", (h1, r1)),
-                             (f"one bucket: {args.elements:,} elements × T={args.kernel_tasks}, {args.dtype} on {args.device}", (h2, r2))]:
+                f"Device: {device_name}; {versions}"]
+    for title, (h, rows) in tables:
         table = Table(title=title)
         for col in h:
             table.add_column(col, justify="right")

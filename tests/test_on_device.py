@@ -1,4 +1,5 @@
-"""MGDA solved on the gradients' device (enumeration over supports): exact, and free of host reads.
+"""MGDA and CAGrad solved on the gradients' device (enumeration over supports): exact, and free of
+host reads.
 
 References: SciPy's NNLS on the gradient vectors (independent of the Gram and of enumeration), the
 KKT conditions of the min-norm problem, and the host active-set solver. "No host read" is checked
@@ -14,7 +15,7 @@ import torch
 from scipy.optimize import nnls
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_moo.solvers import MGDA, Mean, CAGrad
+from lightning_moo.solvers import MGDA, CAGrad, Mean, UPGrad
 from lightning_moo.solvers.on_device import MAX_TASKS, min_norm_weights_on_device
 
 
@@ -88,10 +89,54 @@ def test_solvers_on_device_give_the_host_direction(solver):
             np.testing.assert_allclose(d_device, d_host, rtol=0, atol=1e-9 * np.linalg.norm(J, axis=1).max())
 
 
+def cagrad_dual(J: np.ndarray, w: np.ndarray, c: float) -> float:
+    """CAGrad's dual objective F(w) = ⟨g_w, g0⟩ + c‖g0‖‖g_w‖ at simplex weights w, from the vectors."""
+    g0, gw = J.mean(0), w @ J
+    return float(gw @ g0 + c * np.linalg.norm(g0) * np.linalg.norm(gw))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("c", [0.2, 0.5, 1.0, 2.0])
+def test_cagrad_on_device_is_the_optimum_of_its_dual(kind, c):
+    """Against the host solver: the same direction where its Brent search resolves the problem
+    (every family but twelve orders of magnitude of gradient norms), and never a higher value of
+    the dual objective (computed here from the vectors) anywhere."""
+    for T in (2, 3, 5, 8, 12):
+        for seed in range(3):
+            J = jacobian(kind, T, seed)
+            G = torch.from_numpy(J @ J.T)
+            device, host = CAGrad(c=c, rescale=0).weights_on_device(G).numpy(), CAGrad(c=c, rescale=0)(G).numpy()
+            scale = np.linalg.norm(J, axis=1).max()
+            if kind != "ill_conditioned":
+                np.testing.assert_allclose(device @ J, host @ J, rtol=0, atol=1e-7 * scale)
+            # d = g0 + (r/s) g_w: recover the simplex weights of g_w where the minimiser is non-zero.
+            moved_d, moved_h = device - 1 / T, host - 1 / T
+            if moved_d.sum() > 1e-9 and moved_h.sum() > 1e-9:
+                f_d, f_h = cagrad_dual(J, moved_d / moved_d.sum(), c), cagrad_dual(J, moved_h / moved_h.sum(), c)
+                assert f_d <= f_h + 1e-9 * scale**2, (T, seed, f_d, f_h)
+
+
+def test_cagrad_rescale_and_degenerate_cases_on_device():
+    J = jacobian("half_opposed", 4, 0)
+    G = torch.from_numpy(J @ J.T)
+    for rescale in (0, 1, 2):
+        torch.testing.assert_close(CAGrad(c=0.5, rescale=rescale).weights_on_device(G), CAGrad(c=0.5, rescale=rescale)(G))
+    torch.testing.assert_close(CAGrad(c=0.0).weights_on_device(G), torch.full((4,), 0.25, dtype=torch.float64))
+    # c ≥ 1 with zero in the hull: the minimiser is g_w = 0 and d is g0's projection onto the dual
+    # cone {d : ⟨g_t, d⟩ ≥ 0}, here {d : d_1 = 0, d_2 ≥ 0}, so d = (0, 1/3, 0) — whatever weights give it.
+    J = np.array([[2.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    G = torch.from_numpy(J @ J.T)
+    d = CAGrad(c=1.5, rescale=0).weights_on_device(G).numpy() @ J
+    np.testing.assert_allclose(d, [0.0, 1 / 3, 0.0], atol=1e-12)
+    np.testing.assert_allclose(d, CAGrad(c=1.5, rescale=0)(G).numpy() @ J, atol=1e-12)
+    assert torch.isnan(CAGrad().weights_on_device(torch.full((3, 3), float("nan"), dtype=torch.float64))).all()
+
+
 def test_what_solves_on_the_host():
     assert not MGDA().supports_on_device(MAX_TASKS + 1)
     assert not MGDA(normalization="loss+").supports_on_device(4)  # needs the losses, which live on the host
-    assert not CAGrad().supports_on_device(4)
+    assert CAGrad().supports_on_device(MAX_TASKS) and not CAGrad().supports_on_device(MAX_TASKS + 1)
+    assert not UPGrad().supports_on_device(4)
 
 
 class HostReads(TorchDispatchMode):
@@ -107,11 +152,29 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("solver", [MGDA(), MGDA(normalization="l2"), Mean()], ids=repr)
+class HostTensors(TorchDispatchMode):
+    """Records operators that receive a host tensor (beyond a 0-d wrapped scalar): on CUDA, a copy
+    from host memory, which waits for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0 for t in flat):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("solver", [MGDA(), MGDA(normalization="l2"), Mean(), CAGrad(), CAGrad(c=2.0)], ids=repr)
 def test_on_device_solvers_never_read_a_value_on_the_host(solver):
-    """On the meta device every value read raises; the device path runs there from start to end."""
+    """On the meta device every value read raises; the device path runs there from start to end,
+    and no operator receives a tensor from host memory."""
     G = torch.empty(6, 6, dtype=torch.float64, device="meta")
-    assert solver.weights_on_device(G).shape == (6,)
+    with HostTensors() as host:
+        assert solver.weights_on_device(G).shape == (6,)
+    assert host.ops == []
     with pytest.raises((RuntimeError, NotImplementedError)):
         MGDA()(G)  # the host solver reads values: the check itself can fail
 

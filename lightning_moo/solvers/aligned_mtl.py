@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .base import MOOSolver
+from .qp import eigh
 
 
 class AlignedMTL(MOOSolver):
@@ -35,14 +37,11 @@ class AlignedMTL(MOOSolver):
         self.scale = scale
 
     def weights(self, gram: Tensor) -> Tensor:
-        T = gram.shape[0]
-        lam, V = torch.linalg.eigh(gram)
-        tol = lam.max() * T * torch.finfo(torch.float32).eps
-        keep = lam > tol
+        # NumPy rather than torch: at T ≤ a few dozen every torch op costs more than its arithmetic.
+        G = gram.numpy()
+        T = G.shape[0]
+        lam, V = eigh(G)
+        keep = lam > lam.max() * T * np.finfo(np.float32).eps
         lam, V = lam[keep], V[:, keep]
-        sigma = {
-            "min": lam.min().sqrt(),
-            "median": lam.median().sqrt(),
-            "rmse": lam.mean().sqrt(),
-        }[self.scale]
-        return sigma * (V @ ((V.T @ torch.ones(T, dtype=gram.dtype)) / lam.sqrt()))
+        sigma = np.sqrt({"min": lam.min(), "median": np.median(lam), "rmse": lam.mean()}[self.scale])
+        return torch.from_numpy(sigma * (V @ (V.sum(axis=0) / np.sqrt(lam))))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import MOOSolver
-from .qp import nnls_gram, scale_of
+from .qp import eigh, nnls_gram, scale_of
 
 _EPS_F32 = float(np.finfo(np.float32).eps)
 
@@ -91,7 +91,7 @@ def config_weights(gram: np.ndarray, rtol: float | None = None) -> np.ndarray:
     C = G[np.ix_(live, live)] / n[:, None] / n[None, :]
     C = 0.5 * (C + C.T)
     np.fill_diagonal(C, 1.0)
-    lam, V = np.linalg.eigh(C)
+    lam, V = eigh(C)
     keep = lam > (rtol if rtol is not None else n.size * _EPS_F32) * lam.max()
     lam, V = lam[keep], V[:, keep]
     beta = V @ ((V.T @ np.ones(n.size)) / lam)  # β = C⁺1: the paper's least-squares v = Uᵀβ

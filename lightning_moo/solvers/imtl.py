@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .base import MOOSolver
+from .qp import eigh
 
 
 class IMTLG(MOOSolver):
@@ -30,14 +32,19 @@ class IMTLG(MOOSolver):
     stateful = False
 
     def weights(self, gram: Tensor) -> Tensor:
-        G = gram / gram.diagonal().max()
-        norms = G.diagonal().clamp_min(0).sqrt()
+        # NumPy rather than torch: at T ≤ a few dozen every torch op costs more than its arithmetic.
+        G = gram.numpy()
+        G = G / G.diagonal().max()
+        norms = np.sqrt(np.maximum(G.diagonal(), 0.0))
         live = norms > 0
-        w = torch.zeros_like(norms)
-        sub, n = G[live][:, live], norms[live]
-        alpha = torch.linalg.pinv(sub, hermitian=True, rtol=1e-10) @ n
-        consistent = torch.linalg.vector_norm(sub @ alpha - n) <= 1e-8 * torch.linalg.vector_norm(n)
+        w = np.zeros_like(norms)
+        sub, n = G[np.ix_(live, live)], norms[live]
+        # Pseudo-inverse from the eigendecomposition, eigenvalues within 1e-10 of the largest cut.
+        lam, V = eigh(sub)
+        keep = np.abs(lam) > 1e-10 * np.abs(lam).max()
+        alpha = V[:, keep] @ ((V[:, keep].T @ n) / lam[keep])
+        consistent = np.linalg.norm(sub @ alpha - n) <= 1e-8 * np.linalg.norm(n)
         total = alpha.sum()
-        if consistent and total.abs() > 1e-8 * alpha.abs().sum():
+        if consistent and abs(total) > 1e-8 * np.abs(alpha).sum():
             w[live] = alpha / total
-        return w
+        return torch.from_numpy(w)

@@ -26,7 +26,8 @@ class Mean(MOOSolver):
         return True
 
     def weights_on_device(self, gram: Tensor) -> Tensor:
-        return self.neutral_weights(gram.shape[0]).to(gram.device)
+        # Made on the device: a copy from host memory would wait for it.
+        return torch.full((gram.shape[0],), 1.0 / gram.shape[0], dtype=torch.float64, device=gram.device)
 
 
 class Sum(MOOSolver):
@@ -47,4 +48,4 @@ class Sum(MOOSolver):
         return True
 
     def weights_on_device(self, gram: Tensor) -> Tensor:
-        return self.neutral_weights(gram.shape[0]).to(gram.device)
+        return torch.ones(gram.shape[0], dtype=torch.float64, device=gram.device)

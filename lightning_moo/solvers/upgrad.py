@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .base import MOOSolver
-from .qp import nnls_gram, scale_of
+from .qp import LawsonHanson, scale_of
 
 
 def project_onto_dual_cone(G: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -16,8 +16,19 @@ def project_onto_dual_cone(G: np.ndarray, u: np.ndarray) -> np.ndarray:
     By duality ``v = argmin_{v ≥ u} vᵀGv``; with ``v = u + y`` this is an NNLS in ``y``.
     The result has ``Gv ≥ 0``: the projected direction conflicts with no gradient.
     """
+    return project_rows_onto_dual_cone(G, u[None, :])[0]
+
+
+def project_rows_onto_dual_cone(G: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """:func:`project_onto_dual_cone` of every row of ``U``, sharing the preparation of ``G``.
+
+    Each NNLS starts from the constraints its vector violates, ``{t : (Gu)_t < 0}``: projecting
+    ``Jᵀu`` makes exactly those active when the violated gradients are not too correlated, so the
+    usual solve is one linear system and the optimality check.
+    """
     G = G / scale_of(G)
-    return u + nnls_gram(G, G @ u)
+    nnls = LawsonHanson(G)
+    return U + np.stack([nnls.solve(q, start=q < 0) for q in U @ G])
 
 
 class UPGrad(MOOSolver):
@@ -43,8 +54,7 @@ class UPGrad(MOOSolver):
         G = gram.numpy()
         T = G.shape[0]
         pref = _preference(self.pref, T)
-        w = sum(p * project_onto_dual_cone(G, np.eye(T)[i]) for i, p in enumerate(pref))
-        return torch.from_numpy(np.asarray(w, dtype=np.float64))
+        return torch.from_numpy(pref @ project_rows_onto_dual_cone(G, np.eye(T)))
 
 
 class DualProj(MOOSolver):

@@ -1,6 +1,6 @@
-"""The solve-on-device path of BucketMOOStrategy (what CUDA uses so that no bucket waits for the
-host), forced on CPU with ``on_device=True`` and proved against the host path and plain autograd
-(2 gloo ranks, the toy problem of ``toy.py``)."""
+"""The solve-on-device path of BucketMOOStrategy (Mean, MGDA, MGDA-l2, CAGrad): what CUDA uses so
+that no bucket waits for the host, forced on CPU with ``on_device=True`` and proved against the host
+path and plain autograd (2 gloo ranks, the toy problem of ``toy.py``)."""
 
 from __future__ import annotations
 
@@ -33,18 +33,21 @@ def test_device_path_trains_what_the_host_path_trains(tmp_path):
         dict(name="mgda_device", solver=solver("MGDA"), on_device=True, **common),
         dict(name="l2_host", solver=solver("MGDA", normalization="l2"), on_device=False, **common),
         dict(name="l2_device", solver=solver("MGDA", normalization="l2"), on_device=True, **common),
+        dict(name="cagrad_host", solver=solver("CAGrad", c=0.4), on_device=False, **common),
+        dict(name="cagrad_device", solver=solver("CAGrad", c=0.4), on_device=True, **common),
         # Four languages on two ranks (two stashed per rank): T = 4 for the enumeration.
         dict(name="m2_host", solver=solver("MGDA"), languages=4, languages_per_rank=2, on_device=False, **common),
         dict(name="m2_device", solver=solver("MGDA"), languages=4, languages_per_rank=2, on_device=True, **common),
         dict(name="nan_device", solver=solver("MGDA"), on_device=True, nan_at=[1, 1], steps=3, expect_error=True),
     ]
     res = run_ranks(runs, tmp_path)
-    for name in ("mean_device", "mgda_device", "l2_device", "m2_device"):
+    for name in ("mean_device", "mgda_device", "l2_device", "cagrad_device", "m2_device"):
         assert_ranks_identical(res[name])
     # Mean on the device is stock DeepSpeed bit for bit (weights exactly 1/2, the same combination).
     for name, p in res["stock"][0]["params"].items():
         assert torch.equal(res["mean_device"][0]["params"][name], p), name
-    for host, device in (("mgda_host", "mgda_device"), ("l2_host", "l2_device"), ("m2_host", "m2_device")):
+    for host, device in (("mgda_host", "mgda_device"), ("l2_host", "l2_device"), ("cagrad_host", "cagrad_device"),
+                         ("m2_host", "m2_device")):
         for a, b in zip(trajectory(res[host][0]), trajectory(res[device][0])):
             assert_close(a, b)
         for step_h, step_d in zip(res[host][0]["buckets"], res[device][0]["buckets"]):
@@ -54,7 +57,7 @@ def test_device_path_trains_what_the_host_path_trains(tmp_path):
                 torch.testing.assert_close(b.param_grams, step_h[i].param_grams, rtol=1e-6, atol=1e-9)
                 g = b.gram
                 d_dev, d_host = b.weights @ g @ b.weights, step_h[i].weights @ g @ step_h[i].weights
-                torch.testing.assert_close(d_dev, d_host, rtol=1e-6, atol=1e-12)  # the same min-norm point
+                torch.testing.assert_close(d_dev, d_host, rtol=1e-6, atol=1e-12)  # the same direction's norm
     # Per bucket, the applied update is MGDA of plain-autograd per-language gradients (as the host proof).
     thetas = trajectory(res["mgda_device"][0])
     for step, buckets in enumerate(res["mgda_device"][0]["buckets"]):
