@@ -1,4 +1,4 @@
-"""Does bucket-level MOO stall the GPU? One prepared run on one GPU (about 6 minutes on an H200).
+"""Does bucket-level MOO stall the GPU? One prepared run on one GPU (about 7 minutes on an H200).
 
     python benchmarks/gpu_no_stall.py --out benchmarks/results/gpu_no_stall.md
     python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # CPU, a tiny model, ~1 minute
@@ -13,7 +13,7 @@ Configurations, each in a fresh Trainer of the same process:
   ``× Mean`` isolates what the solver and its synchronisation cost;
 - ``MGDA on device``: MGDA solved on the GPU by enumeration (the default on CUDA for T ≤ 12);
 - ``MGDA on host``: the exact active-set solver on a float64 host copy of the Gram (``on_device=False``);
-- ``CAGrad``: the host solver CAGrad (c = 0.4).
+- ``CAGrad on device`` / ``CAGrad on host``: the same for CAGrad (c = 0.4).
 
 It reports (a) synchronisations inside the bucket reductions: on one untimed step,
 ``torch.cuda.set_sync_debug_mode("warn")`` is on while DeepSpeed's ``average_tensor`` (our hook, or
@@ -153,7 +153,8 @@ def deepspeed_config(bucket: int) -> dict:
 
 def train(name: str, settings: dict, cuda: bool) -> dict:
     stock = name == "stock"
-    solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False), "CAGrad": (CAGrad(c=0.4), None)}
+    solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
+               "CAGrad on device": (CAGrad(c=0.4), True), "CAGrad on host": (CAGrad(c=0.4), False)}
     config = deepspeed_config(settings["bucket"])
     if stock:
         strategy = StockDeepSpeedStrategy(config=config)
@@ -209,11 +210,14 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
         lines.append(f"| {r['name']} | {r['buckets'] or '-'} | {sync} | {r['step']:.3f} | {r['step'] / stock:.2f} | "
                      f"{r['step'] / mean:.2f} | {peak} | {p['host']:.0f} | {device_ms} | {p['syncing']:.1f} |")
     by_name = {r["name"]: r for r in results}
-    device_params, host_params = by_name["MGDA on device"]["params"], by_name["MGDA on host"]["params"]
-    diff = max(float(((device_params[n] - host_params[n]).abs() / host_params[n].abs().max().clamp_min(1e-12)).max())
-               for n in host_params)
-    lines += ["", f"MGDA on device vs on host after {settings['warmup'] + settings['timed'] + 2} steps: "
-              f"max relative |Δθ| = {diff:.2e}", "", "Top host operators over the two profiled steps (self ms):", ""]
+    lines.append("")
+    for solver in ("MGDA", "CAGrad"):
+        device_params, host_params = by_name[f"{solver} on device"]["params"], by_name[f"{solver} on host"]["params"]
+        diff = max(float(((device_params[n] - host_params[n]).abs() / host_params[n].abs().max().clamp_min(1e-12)).max())
+                   for n in host_params)
+        lines.append(f"{solver} on device vs on host after {settings['warmup'] + settings['timed'] + 2} steps: "
+                     f"max relative |Δθ| = {diff:.2e}")
+    lines += ["", "Top host operators over the two profiled steps (self ms):", ""]
     lines += [f"- {r['name']}: {r['profile']['top']}" for r in results]
     return "\n".join(lines) + "\n"
 
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29543", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
         os.environ.setdefault(key, value)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    names = ["stock", "Mean", "MGDA on device", "MGDA on host", "CAGrad"]
+    names = ["stock", "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
     results = []
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {name} ...", flush=True)
