@@ -3,6 +3,8 @@
 # No ``from __future__ import annotations``: DDP compares the comm hook's annotations with the real
 # ``dist.GradBucket`` and ``Future[torch.Tensor]`` objects and rejects strings.
 
+import queue
+import threading
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -36,10 +38,23 @@ class DDPBucketHook:
     Every rank needs the whole combined bucket, unlike ZeRO where a rank keeps only its partition:
     rank r combines the r-th even slice (the sharded exchange's own split, so nothing moves in its
     second all-to-all) and the slices are then gathered on every rank.
+
+    The hook returns at once and one worker thread reduces the buckets, strictly in the order DDP
+    hands them over (bucket index order, the same on every rank), so the backward goes on computing
+    the next buckets' gradients meanwhile, as it does during DDP's own all-reduce. Only that thread
+    issues collectives on ``reducer.group``, a process group of its own: DDP (the used-parameter
+    all-reduce of ``find_unused_parameters``, issued by the backward while buckets are still being
+    reduced) and Lightning keep issuing theirs on the default group from other threads, and
+    collectives of one group issued from two threads could pair up differently on different ranks.
     """
 
-    def __init__(self, reducer: BucketReducer, names: dict[int, str]) -> None:
-        self.reducer, self.names = reducer, names
+    def __init__(self, reducer: BucketReducer, names: dict[int, str], device: torch.device) -> None:
+        self.reducer, self.names, self.device = reducer, names, device
+        self.error: Optional[BaseException] = None  # the first failed bucket's error, for the trainer thread to raise
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon: a process leaving without the strategy's teardown must not wait for it.
+        self._thread = threading.Thread(target=self._work, name="lightning-moo-ddp-hook", daemon=True)
+        self._thread.start()
 
     @property
     def buckets(self):
@@ -48,40 +63,68 @@ class DDPBucketHook:
     def start_step(self, step: int) -> None:
         self.reducer.start_step(step)
 
+    def submit(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        future: torch.futures.Future[Tensor] = torch.futures.Future()
+        self._queue.put((bucket, future))
+        return future
+
+    def _work(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current CUDA device is per thread
+        while (item := self._queue.get()) is not None:
+            bucket, future = item
+            try:
+                with torch.no_grad():  # as inside the backward, where the hook runs
+                    result = self.reduce(bucket)
+            except BaseException as error:  # a future left pending would hang DDP's backward
+                # DDP's reducer cannot take an error through a Python future (it would fail to read
+                # the exception as a tensor): hand it the bucket as it is and let ``raise_error``,
+                # after the backward, raise the error itself. Every rank fails at the same bucket (its
+                # Gram is all-reduced) and goes on with the later ones, so the collectives stay matched.
+                if self.error is None:
+                    self.error = error
+                result = bucket.buffer()
+            future.set_result(result)
+
+    def raise_error(self) -> None:
+        """Raise the error of a bucket of the last backward, if one failed (called once DDP's backward,
+        which waits for every bucket, returned)."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Stop the worker thread once it has reduced what it was handed, and release the group."""
+        if not self._thread.is_alive():
+            return  # closed already
+        self._queue.put(None)
+        self._thread.join()
+        dist.destroy_process_group(self.reducer.group)
+
     def reduce(self, bucket: dist.GradBucket) -> Tensor:
-        tensor, index = bucket.buffer(), bucket.index()
+        tensor, index, group = bucket.buffer(), bucket.index(), self.reducer.group
         params, offset = [], 0
         for param in bucket.parameters():
             params.append(ParamRange(self.names.get(id(param), f"<unnamed param {index}.{len(params)}>"), offset, offset + param.numel()))
             offset += param.numel()
-        slices = even_segments(tensor.numel(), dist.get_world_size())
+        slices = even_segments(tensor.numel(), dist.get_world_size(group))
         self.reducer.reduce(tensor, Bucket(index, tuple(params), tuple(slices)))
         if not self.reducer.exchange.fills_every_element:
-            _gather_slices(tensor, slices)
+            _gather_slices(tensor, slices, group)
         return tensor
 
 
 def _moo_comm_hook(state: DDPBucketHook, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    # The collectives ran synchronously inside ``reduce``: hand DDP a future that is already done.
-    future: torch.futures.Future[Tensor] = torch.futures.Future()
-    future.set_result(state.reduce(bucket))
-    return future
+    return state.submit(bucket)
 
 
-def _gather_slices(tensor: Tensor, slices: list[Segment]) -> None:
-    """All-gather: every rank's slice of ``tensor`` (rank r holds slice r) lands on every rank.
-
-    Slices differ by at most one element; padding them to one length gives the flat, equal-sized
-    all_gather_into_tensor that gloo and NCCL both support.
-    """
-    rank, width = dist.get_rank(), max(s.length for s in slices)
-    mine = slices[rank]
-    send = tensor.new_zeros(width)
-    send[: mine.length] = tensor[mine.start : mine.start + mine.length]
-    received = tensor.new_empty(len(slices) * width)
-    dist.all_gather_into_tensor(received, send)
+def _gather_slices(tensor: Tensor, slices: list[Segment], group) -> None:
+    """Every rank's slice of ``tensor`` (rank r holds slice r) lands on every rank: one in-place
+    broadcast per slice. The same bytes as an all-gather, but no padding of the uneven slices to one
+    length and no copies in and out: on gloo 2-4× faster than ``all_gather_into_tensor``."""
     for r, s in enumerate(slices):
-        tensor[s.start : s.start + s.length] = received[r * width : r * width + s.length]
+        if s.length:  # gloo refuses empty tensors; a bucket smaller than the world leaves some slices empty
+            dist.broadcast(tensor[s.start : s.start + s.length], group_src=r, group=group)
 
 
 class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicCheckpoints, DDPStrategy):
@@ -180,14 +223,23 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicCheck
         names = {id(p): n for n, p in self.lightning_module.named_parameters()}
         scaler = isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.scaler is not None
         # fp16 with a GradScaler: an overflow must reach the scaler, which skips the step.
-        reducer = BucketReducer(self.solver, self.exchange, self.layout, "DDP", loss_scaling=scaler)
-        self.hook = DDPBucketHook(reducer, names)
+        group = dist.new_group(timeout=self._timeout)  # the hook's worker thread's own (see DDPBucketHook)
+        reducer = BucketReducer(self.solver, self.exchange, self.layout, "DDP", loss_scaling=scaler, group=group)
+        self.hook = DDPBucketHook(reducer, names, self.root_device)
         self.model.register_comm_hook(self.hook, _moo_comm_hook)
 
     def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
         if self.solver.needs_losses:
             closure_loss = self._with_language_losses(closure_loss)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        if self.hook is not None:
+            self.hook.raise_error()
+        return loss
+
+    def teardown(self) -> None:
+        if self.hook is not None:
+            self.hook.close()  # :attr:`buckets` stays readable
+        super().teardown()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
