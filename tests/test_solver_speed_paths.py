@@ -5,8 +5,6 @@ SciPy's NNLS on the vectors, and the NumPy validation of the Gram matrix. No tim
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from lightning_moo.solvers.qp import LawsonHanson, min_norm_weights, nnls_gram, 
 from lightning_moo.solvers.upgrad import project_onto_dual_cone
 
 from jacobians import jacobians, nonzero
+from test_solver_properties import brute_force_min_norm
 
 FAMILIES = ("random", "hard-conflict", "rank-deficient", "ill-conditioned", "duplicated", "zero")
 
@@ -49,21 +48,6 @@ def jacobian(family: str, T: int, seed: int, n: int = 40) -> np.ndarray:
 
 
 CASES = [(family, T, seed) for family in FAMILIES for T in (3, 5, 8, 12) for seed in range(4)]
-
-
-def brute_force_min_norm(G: np.ndarray) -> float:
-    """min wᵀGw over the simplex: the best feasible KKT point over every support."""
-    T, best = G.shape[0], np.inf
-    for k in range(1, T + 1):
-        for S in map(list, itertools.combinations(range(T), k)):
-            K = np.ones((k + 1, k + 1))
-            K[:k, :k], K[k, k] = G[np.ix_(S, S)], 0.0
-            sol = np.linalg.lstsq(K, np.r_[np.zeros(k), 1.0], rcond=None)[0][:k]
-            if (sol >= -1e-12).all() and abs(sol.sum() - 1) < 1e-9:
-                w = np.zeros(T)
-                w[S] = sol
-                best = min(best, float(w @ G @ w))
-    return best
 
 
 def nnls_objective(Q: np.ndarray, q: np.ndarray, u: np.ndarray) -> float:

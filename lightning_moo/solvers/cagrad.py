@@ -71,16 +71,17 @@ class CAGrad(MOOSolver):
             s, proj = (0.0, None) if stationary else _cagrad_fixed_point(G, r)
             # g_w = 0: every d in the ball with no conflict is optimal; take the closest to g0.
             w = mean + (r / s) * proj if s > 0 else project_onto_dual_cone(G, mean)
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return torch.from_numpy(w / divisor)
+        return torch.from_numpy(w / self._divisor())
 
     def supports_on_device(self, num_tasks: int) -> bool:
         return num_tasks <= MAX_TASKS
 
     def weights_on_device(self, gram: Tensor) -> Tensor:
         """The same weights by enumeration over supports (exact, no host read; see :mod:`.on_device`)."""
-        divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return cagrad_weights_on_device(gram, self.c) / divisor
+        return cagrad_weights_on_device(gram, self.c) / self._divisor()
+
+    def _divisor(self) -> float:
+        return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
 
 
 def _min_norm2(G: np.ndarray) -> float:

@@ -15,8 +15,8 @@ Frank–Wolfe whose error decays like 1/k. At T ≤ a few dozen each NumPy call 
 arithmetic, so the count of solves is what matters: a guessed support is first improved by block
 principal pivoting (many coordinates swapped per solve), Lawson–Hanson (one coordinate per solve)
 checks or finishes the result, and the solves are Cholesky factorisations of the Jacobi-scaled
-passive block, with least squares where that block is singular to working precision. The tests hold MGDA's KKT conditions to 1e-6 of the
-largest squared gradient norm and its objective to brute force over supports; on random Grams
+passive block, with least squares where that block is singular to working precision. The tests
+hold MGDA's KKT conditions to 1e-6 of the largest squared gradient norm and its objective to brute force over supports; on random Grams
 the KKT residual is ~1e-12, and up to ~1e-7 where gradients agree to 1e-7 in direction or span
 twelve orders of magnitude in norm (the Gram then holds no more digits).
 """
@@ -74,7 +74,6 @@ class LawsonHanson:
         Q, n = self.Q, q.shape[0]
         max_iter = max_iter if max_iter is not None else 10 * n + 20
         q_abs = float(np.abs(q).max(initial=0.0))
-        self.minus_qs = -q * self.d
         u = np.zeros(n)
         passive = np.zeros(n, dtype=bool)
         if start is not None and start.any():
@@ -97,7 +96,7 @@ class LawsonHanson:
                 return u
             trial = passive.copy()
             trial[j] = True
-            new_u, new_passive = self._descend(u, trial)
+            new_u, new_passive = self._descend(q, u, trial)
             if new_u[j] <= 0 or not _decreases(Q, q, u, new_u, neg_grad, tol):
                 blocked[j] = True
                 continue
@@ -119,7 +118,7 @@ class LawsonHanson:
         fewest, chances = n + 1, 3
         for _ in range(10):  # it converges in a few swaps or, on ill-conditioned Q, tends to cycle
             try:
-                z = self._solve_on(passive, strict=True)
+                z = self._solve_on(q, passive, strict=True)
             except np.linalg.LinAlgError:
                 return None
             neg_grad = -(Q @ z + q)
@@ -138,11 +137,11 @@ class LawsonHanson:
             passive ^= wrong
         return None
 
-    def _descend(self, u: np.ndarray, passive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _descend(self, q: np.ndarray, u: np.ndarray, passive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lawson–Hanson inner loop: from a feasible ``u``, step towards the unconstrained optimum
         of the passive set (updated in place) until the first passive coordinate hits zero, drop
         it, re-solve; it ends at the optimum of a passive set with all coordinates positive."""
-        z = self._solve_on(passive)
+        z = self._solve_on(q, passive)
         while not (z[passive] > 0).all():
             idx = np.flatnonzero(passive & (z <= 0))
             gap = u[idx] - z[idx]
@@ -152,17 +151,17 @@ class LawsonHanson:
             passive[idx[steps <= alpha]] = False
             passive &= u > 0
             u[~passive] = 0.0
-            z = self._solve_on(passive)
+            z = self._solve_on(q, passive)
         return z, passive
 
-    def _solve_on(self, passive: np.ndarray, strict: bool = False) -> np.ndarray:
+    def _solve_on(self, q: np.ndarray, passive: np.ndarray, strict: bool = False) -> np.ndarray:
         """Unconstrained minimiser over the passive coordinates (others zero). ``strict``: raise
         ``LinAlgError`` where Cholesky fails instead of solving by least squares, and accept any
         positive pivot (the caller then checks the result)."""
         z = np.zeros(self.d.shape[0])
         idx = passive.nonzero()[0]
         if idx.size:
-            A, b = self.Qs[idx[:, None], idx], self.minus_qs[idx]
+            A, b = self.Qs[idx[:, None], idx], -q[idx] * self.d[idx]
             # Cholesky (LAPACK dposv) while the passive block is numerically positive definite:
             # a pivot below n·eps of the unit diagonal means it is singular to working precision
             # (e.g. affinely dependent gradients), where the least-norm solution of lstsq is the
