@@ -39,6 +39,7 @@ class Internal:
 
 
 ZERO = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
+ZERO3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
 INTERNALS = (
     Internal(ZERO, "average_tensor", "the per-bucket reduction of ZeRO-1/2: the hook replaces it per optimizer",
              parameters=("self", "tensor", "communication_data_type")),
@@ -51,6 +52,21 @@ INTERNALS = (
                          "self.dp_process_group", "self.overlap_comm", "self.reduction_stream", "self.dynamic_loss_scale")),
     Internal("deepspeed.runtime.zero.stage_1_and_2:IPGBucket", None, "a bucket's parameters, MoE flag and copy streams",
              source_has=("params", "has_moe_params", "copy_streams")),
+    Internal(ZERO3, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads",
+             "ZeRO-3's reduce-scatter of one bucket's full gradients into this rank's partitions: the hook replaces it",
+             parameters=("self", "params_to_reduce", "communication_data_type")),
+    Internal(ZERO3, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads",
+             "ZeRO-3's all-reduce variant of the same (reduce_scatter=false): the hook replaces it too",
+             parameters=("self", "buffer_to_reduce", "communication_data_type")),
+    Internal(ZERO3, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
+             "calls one of the two above per bucket, with the bucket's parameters in ipg_buckets, and keeps what "
+             "they return as each parameter's partition",
+             source_has=("self.__avg_scatter_contiguous_grads(grad_bucket, communication_data_type)",
+                         "self.__avg_scatter_grads(params_in_bucket, communication_data_type)",
+                         "self.partition_grads(params_in_bucket, grad_partitions)")),
+    Internal(ZERO3, "__init__", "the optimizer's data-parallel group, loss scaling and accumulation dtype",
+             source_has=("self.dp_process_group", "self.ipg_buckets", "self.gradient_accumulation_dtype",
+                         "self.all2all_process_group")),
     Internal("deepspeed.runtime.engine:DeepSpeedEngine", "_backward_prologue",
              "a backward through the engine's outputs starts it and queues the reduction: shadowing it keeps an "
              "extra autograd pass (stashed or global gradients) invisible to DeepSpeed", parameters=("self",)),
@@ -94,6 +110,17 @@ def _resolve(owner: str):
     return getattr(obj, cls) if cls else obj
 
 
+def _undecorated(target):
+    """DeepSpeed's ``instrument_w_nvtx`` wraps a method in ``wrapped_fn(*args, **kwargs)`` without
+    ``functools.wraps``: the method itself is the function in its closure."""
+    while getattr(target, "__name__", None) == "wrapped_fn" and getattr(target, "__closure__", None):
+        inner = [c.cell_contents for c in target.__closure__ if inspect.isfunction(c.cell_contents)]
+        if len(inner) != 1:
+            break
+        target = inner[0]
+    return inspect.unwrap(target) if callable(target) else target
+
+
 def check_internals(internals: Optional[tuple[Internal, ...]] = None) -> list[str]:
     """One message per internal that the installed versions no longer provide as expected."""
     problems = []
@@ -101,7 +128,7 @@ def check_internals(internals: Optional[tuple[Internal, ...]] = None) -> list[st
         where = item.owner.replace(":", ".") + (f".{item.name}" if item.name else "")
         try:
             owner = _resolve(item.owner)
-            target = owner if item.name is None else inspect.getattr_static(owner, item.name)
+            target = owner if item.name is None else _undecorated(inspect.getattr_static(owner, item.name))
         except (ImportError, AttributeError) as error:
             problems.append(f"{where} is gone ({error}); used because {item.why}")
             continue
@@ -133,6 +160,17 @@ def require_internals() -> None:
 def install_bucket_reduction(optimizer, reduce: Callable[[Tensor, torch.dtype], None]) -> None:
     """Make ``optimizer`` call ``reduce(tensor, communication_data_type)`` where it averages a bucket."""
     optimizer.average_tensor = reduce
+
+
+def install_stage3_bucket_reduction(optimizer, hook) -> None:
+    """Make ZeRO-3 call ``hook.scatter(params, communication_data_type, padded)`` for each bucket's partitions:
+    both private methods are name-mangled, so an instance attribute of the mangled name shadows them."""
+    optimizer._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads = (
+        lambda params, comm_dtype: hook.scatter(params, comm_dtype, padded=False))
+    # The all-reduce variant pads each partition to its full size; its buffer holds the bucket's
+    # gradients in ipg_buckets' order, which the hook reads from the parameters instead.
+    optimizer._DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads = (
+        lambda buffer, comm_dtype: hook.scatter(optimizer.ipg_buckets[comm_dtype].params, comm_dtype, padded=True))
 
 
 def zero_bucket(optimizer, comm_dtype: torch.dtype) -> list[tuple[Tensor, list[tuple[int, int]]]]:

@@ -1,4 +1,4 @@
-"""BucketMOOStrategy: DeepSpeed ZeRO-1/2 where every gradient bucket is combined by a MOO solver."""
+"""BucketMOOStrategy: DeepSpeed ZeRO (stage 1, 2 or 3) where every gradient bucket is combined by a MOO solver."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .deepspeed import StockDeepSpeedStrategy
 from .bucket_count import bucket_numel_for, warn_if_few_buckets
 from .language_losses import LanguageLosses
 from .solver_state import SolverStateInCheckpoints
+from .zero3_hook import Zero3BucketHook
 from .zero_hook import ZeroBucketHook
 
 Mode = Literal["bucket", "global", "global_two_pass"]
@@ -28,13 +29,14 @@ _LINEAR_SOLVERS = (Mean, Sum)
 
 
 class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeedStrategy):
-    """DeepSpeed ZeRO stage 1 or 2 with one language per rank (or per group of k ranks) and a MOO
+    """DeepSpeed ZeRO stage 1, 2 or 3 with one language per rank (or per group of k ranks) and a MOO
     solver per gradient bucket.
 
     Rank t trains language t. Where stock data parallelism averages the languages' gradients of a
     bucket, this applies ``sum_t w_t g_t`` with ``w = solver(G)``, ``G`` the bucket's T×T Gram
     matrix. Loss scaling, clipping (of the combined gradient), overlap_comm and checkpoints stay
-    DeepSpeed's.
+    DeepSpeed's. ZeRO-1/2 hand the solver the buckets of ``average_tensor``, ZeRO-3 those of its
+    reduce-scatter (each rank still holds its language's whole gradient of the bucket's parameters).
 
     Args:
         solver: any :class:`~lightning_moo.solvers.MOOSolver` (in YAML: a registered name such as
@@ -92,7 +94,7 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         self.on_device = on_device
         self._bucket_count_checked = False
         self.layout: Optional[LanguageLayout] = None  # known once the world size is
-        self.hook: Optional[ZeroBucketHook] = None
+        self.hook: Optional[ZeroBucketHook | Zero3BucketHook] = None
         self.global_info: Optional[BucketInfo] = None
         self._init_language_losses()
 
@@ -160,8 +162,12 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             # On CUDA a solver that can solve on the device does (no host stall inside the backward).
             reducer = BucketReducer(self.solver, self.exchange, self.layout, "ZeRO", optimizer.dynamic_loss_scale,
                                     optimizer.dp_process_group, on_device=self.on_device)
-            self.hook = ZeroBucketHook(optimizer, reducer, names)
-            _compat.install_bucket_reduction(optimizer, self.hook)
+            if self.zero_stage_3:
+                self.hook = Zero3BucketHook(optimizer, reducer, names)
+                _compat.install_stage3_bucket_reduction(optimizer, self.hook)
+            else:
+                self.hook = ZeroBucketHook(optimizer, reducer, names)
+                _compat.install_bucket_reduction(optimizer, self.hook)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
@@ -228,12 +234,20 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         assert isinstance(self.config, dict)
         zero = self.config.get("zero_optimization") or {}
         stage = int(zero.get("stage", 0))
-        if stage not in (1, 2):
+        if stage not in (1, 2, 3):
             raise MisconfigurationException(
-                f"BucketMOOStrategy needs ZeRO stage 1 or 2 (got stage {stage}): without ZeRO there are no "
-                "gradient buckets, and ZeRO-3 reduces gradients through a path the per-bucket solver does not hook."
+                f"BucketMOOStrategy needs ZeRO stage 1, 2 or 3 (got stage {stage}): without ZeRO there are no "
+                "gradient buckets."
             )
-        if not zero.get("contiguous_gradients", True):
+        if stage == 3:
+            self._check_stage3(zero)
+            if self.mode == "global_two_pass":
+                raise MisconfigurationException(
+                    "mode='global_two_pass' does not work with ZeRO stage 3: its first backward releases the "
+                    "gathered parameters that the second one needs. Use mode='global' (the same global weights, "
+                    "from the one backward)."
+                )
+        elif not zero.get("contiguous_gradients", True):
             raise MisconfigurationException(
                 "BucketMOOStrategy needs zero_optimization.contiguous_gradients=true: without it DeepSpeed "
                 "reduces gradients through buffered_reduce_fallback, bypassing the per-bucket solver."
@@ -256,19 +270,41 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
                 f"mode={self.mode!r} does not support gradient accumulation (accumulate_grad_batches="
                 f"{accumulation}): the global weights are computed per backward."
             )
-        if accumulation > 1 and stage == 2 and not isinstance(self.solver, _LINEAR_SOLVERS):
+        if accumulation > 1 and stage in (2, 3) and not isinstance(self.solver, _LINEAR_SOLVERS):
             raise MisconfigurationException(
-                f"ZeRO-2 reduces every micro-batch, so with accumulate_grad_batches={accumulation} "
+                f"ZeRO-{stage} reduces every micro-batch, so with accumulate_grad_batches={accumulation} "
                 f"{type(self.solver).__name__} would combine micro-batch gradients instead of each "
                 "language's accumulated gradient. Use ZeRO stage 1 (reduces once per optimizer step) or "
                 "accumulate_grad_batches=1."
             )
 
+    @staticmethod
+    def _check_stage3(zero: dict) -> None:
+        """ZeRO-3 options that reduce gradients outside the bucket's reduce-scatter, or over a group
+        other than all ranks, would leave the solver out or see only some languages."""
+        if zero.get("zero_quantized_gradients"):
+            raise MisconfigurationException(
+                "zero_optimization.zero_quantized_gradients (ZeRO++ qgZ) reduces gradients by a quantized "
+                "all-to-all instead of the reduce-scatter the per-bucket solver replaces; set it to false."
+            )
+        if int(zero.get("mics_shard_size", -1)) > 0:
+            raise MisconfigurationException(
+                "zero_optimization.mics_shard_size partitions parameters over groups smaller than the world, "
+                "so a bucket's reduce-scatter would not meet every language; remove it for BucketMOOStrategy."
+            )
+
     def _check_optimizer(self) -> None:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
         optimizer = self.deepspeed_engine.optimizer
-        if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        if self.zero_stage_3:
+            if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+                raise MisconfigurationException(
+                    f"DeepSpeed chose {type(optimizer).__name__} instead of its ZeRO-3 optimizer, which never "
+                    "calls the per-bucket solver."
+                )
+        elif not isinstance(optimizer, DeepSpeedZeroOptimizer):
             raise MisconfigurationException(
                 f"DeepSpeed chose {type(optimizer).__name__} instead of its ZeRO-1/2 optimizer, which never "
                 "calls the per-bucket solver. This happens for ZeRO stage 1 with bf16 and fp32 gradient "

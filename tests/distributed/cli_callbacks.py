@@ -16,6 +16,16 @@ class SaveParams(pl.Callback):
         self.path = path
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            import deepspeed
+
+            # ZeRO-3 keeps a partition of each parameter per rank: gathering them is a collective.
+            with deepspeed.zero.GatheredParameters(list(pl_module.model.parameters())):
+                self._save(trainer, pl_module)
+        else:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             torch.save({n: p.detach().clone() for n, p in pl_module.model.named_parameters()}, self.path)
 

@@ -33,11 +33,21 @@ class Recorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx % self.accumulate == 0:
-            self.snapshots.append(named_params(module.net))
+            self.snapshots.append(gathered_params(trainer, module))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if (batch_idx + 1) % self.accumulate == 0 and isinstance(trainer.strategy, BucketMOOStrategy):
             self.buckets.append(copy.deepcopy(trainer.strategy.buckets))
+
+
+def gathered_params(trainer, module) -> dict[str, torch.Tensor]:
+    """The module's parameters; ZeRO-3 keeps only a partition on each rank, so gather them first."""
+    if not getattr(trainer.strategy, "zero_stage_3", False):
+        return named_params(module.net)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.net.parameters())):
+        return named_params(module.net)
 
 
 class NaNLoss(ToyModule):
@@ -60,6 +70,7 @@ def make_solver(spec):
 def make_strategy(spec: dict):
     args = dict(
         stage=spec.get("stage", 2),
+        **({"reduce_scatter": spec["reduce_scatter"]} if "reduce_scatter" in spec else {}),
         overlap_comm=spec.get("overlap_comm", True),
         contiguous_gradients=spec.get("contiguous_gradients", True),
         reduce_bucket_size=spec.get("reduce_bucket_size", 200_000_000),
