@@ -147,12 +147,13 @@ def raise_non_finite_grams(
     """Name the languages and parameters of a bucket whose all-reduced piece Grams ([P, T, T]) show a
     non-finite gradient (a NaN or Inf in language t's gradient of piece k makes ``G_k[t, t]``
     non-finite), then raise. Every rank holds the same Grams, so every rank raises the same."""
-    bad = [f"language {layout.names[t]}: {p.name}"
-           for k, p in enumerate(params) for t in range(piece_grams.shape[1])
-           if not bool(torch.isfinite(piece_grams[k, t, t]))]
+    # dict.fromkeys: an engine may split one parameter into several pieces (ZeRO-3's chunks).
+    bad = dict.fromkeys(f"language {layout.names[t]}: {p.name}"
+                        for k, p in enumerate(params) for t in range(piece_grams.shape[1])
+                        if not bool(torch.isfinite(piece_grams[k, t, t])))
     raise FloatingPointError(
         f"non-finite gradient in {engine} bucket {index} at step {step} "
-        f"(parameters {[p.name for p in params]}): {'; '.join(bad) or 'an off-diagonal Gram entry overflowed'}. "
+        f"(parameters {list(dict.fromkeys(p.name for p in params))}): {'; '.join(bad) or 'an off-diagonal Gram entry overflowed'}. "
         "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
     )
 
@@ -176,9 +177,9 @@ def raise_non_finite(
     flags = torch.tensor(list(bad_here), dtype=torch.uint8, device=device)  # NCCL gathers device tensors only
     every = [torch.empty_like(flags) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, flags, group=group)
-    bad = [f"{layout.describe(r)}: {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b]
+    bad = dict.fromkeys(f"{layout.describe(r)}: {p.name}" for r, f in enumerate(every) for p, b in zip(params, f.tolist()) if b)
     raise FloatingPointError(
         f"non-finite gradient in {engine} bucket {index} at step {step} "
-        f"(parameters {[p.name for p in params]}): {'; '.join(bad)}. "
+        f"(parameters {list(dict.fromkeys(p.name for p in params))}): {'; '.join(bad)}. "
         "Check those languages' losses and inputs, lower the learning rate, or use fp16 loss scaling."
     )

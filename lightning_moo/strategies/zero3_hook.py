@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..buckets import Bucket, ParamRange, Segment
+from ..exchange import PieceRows
 from .zero_hook import DeepSpeedBucketHook
 
 
@@ -18,50 +21,103 @@ class Zero3BucketHook(DeepSpeedBucketHook):
     them and keeps this rank's partition of each parameter. Here the reducer writes ``sum_t w_t g_t``
     into the elements this rank keeps, and the hook hands them back as those partitions.
 
-    ZeRO-3 partitions each parameter on its own: ``numel`` elements padded to a multiple of the world
-    size N, rank r keeping ``[r·c, (r + 1)·c)`` with ``c = ceil(numel / N)`` (ranks past the end keep
-    only padding). A bucket is the parameters ZeRO-3 reduces together, in the order it passes them.
+    ZeRO-3 partitions each parameter on its own: ``numel`` elements padded to ``N·c`` with
+    ``c = ceil(numel / N)``, rank r keeping ``[r·c, (r + 1)·c)``. The reducer gets the bucket laid out
+    rank-major, as stock's reduce-scatter lays it out: rank 0's chunk of every parameter (padded to
+    ``c``), then rank 1's, ... Each rank then owns one contiguous block of the same size, exactly the
+    sharded exchange's even slice, so its second all-to-all moves nothing and the communication is
+    stock's reduce-scatter plus the T×T Grams. Monitoring sees each parameter once, with its Gram
+    summed over its chunks.
     """
 
     def scatter(self, params: list[Tensor], communication_data_type: torch.dtype, padded: bool) -> list[Tensor]:
         """This rank's combined partition of each of ``params`` (their ``.grad`` hold this rank's
-        language's gradients), in ``gradient_accumulation_dtype``; ``padded``: each partition at the
-        parameter's full partition size, zeros past its last element (the all-reduce variant's shape)."""
-        opt = self.optimizer
-        # The one extra bucket of memory: ZeRO-3's gradients of a bucket need not lie side by side.
-        flat = torch.empty(sum(p.ds_numel for p in params), dtype=communication_data_type, device=params[0].grad.device)
-        offset = 0
-        for p in params:
-            flat[offset: offset + p.ds_numel].copy_(p.grad.reshape(-1))
-            offset += p.ds_numel
-        bucket = self._describe_partitions(params)
-        others = self._stashed_rows(params)
+        language's gradients), in ``gradient_accumulation_dtype``; ``padded``: at the parameter's full
+        partition size, zeros past its last element (the all-reduce variant's shape)."""
+        group = self.reducer.group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        layout = _RankMajor(params, world)
+        # Stock's reduce-scatter builds the same rank-major copy, so this is no memory beyond stock.
+        flat = torch.zeros(world * layout.block, dtype=communication_data_type, device=params[0].grad.device)
+        for start, (k, lo, hi) in layout.chunks():
+            flat[start: start + hi - lo].copy_(params[k].grad.reshape(-1)[lo:hi])
+        bucket = self._describe(params, layout)
+        others = self._stashed_rows_rank_major(params, layout, flat)
         self.reducer.reduce(flat, bucket, others)
         del others
+        self._merge_record(bucket.index, params, layout)
 
-        rank, world = dist.get_rank(self.reducer.group), dist.get_world_size(self.reducer.group)
-        out, offset = [], 0
-        for p in params:
-            numel, chunk = p.ds_numel, math.ceil(p.ds_numel / world)
-            start, end = min(rank * chunk, numel), min((rank + 1) * chunk, numel)
-            part = flat[offset + start: offset + end].to(opt.gradient_accumulation_dtype)
-            if padded and part.numel() != p.partition_numel():
-                full = torch.zeros(p.partition_numel(), dtype=part.dtype, device=part.device)
-                full[: part.numel()] = part
-                part = full
-            out.append(part)
-            offset += numel
+        accumulation = self.optimizer.gradient_accumulation_dtype
+        mine = flat[rank * layout.block: (rank + 1) * layout.block]
+        out = []
+        for k, p in enumerate(params):
+            start = layout.offsets[k]
+            length = layout.chunk[k] if padded else max(0, min(layout.chunk[k], p.ds_numel - rank * layout.chunk[k]))
+            out.append(mine[start: start + length].to(accumulation))  # padding is Σ w_t · 0 = 0
         return out
 
-    def _describe_partitions(self, params: list[Tensor]) -> Bucket:
-        world = dist.get_world_size(self.reducer.group)
-        ranges, owners, offset = [], [], 0
-        for k, p in enumerate(params):
-            numel, chunk = p.ds_numel, math.ceil(p.ds_numel / world)
-            for r in range(world):
-                start, end = min(r * chunk, numel), min((r + 1) * chunk, numel)
-                if end > start:
-                    owners.append(Segment(offset + start, end - start, r))
-            ranges.append(ParamRange(self.names.get(id(p), f"<unnamed param {k}>"), offset, offset + numel))
-            offset += numel
+    def _describe(self, params: list[Tensor], layout: "_RankMajor") -> Bucket:
+        """Every chunk that holds elements is a piece (padding stays out of the Grams); rank r owns block r."""
+        ranges = [
+            ParamRange(self._name(params[k], k), start, start + hi - lo) for start, (k, lo, hi) in layout.chunks()
+        ]
+        owners = [Segment(r * layout.block, layout.block, r) for r in range(layout.world)]
         return Bucket(self._next_bucket_index(), tuple(ranges), tuple(owners))
+
+    def _name(self, param: Tensor, k: int) -> str:
+        return self.names.get(id(param), f"<unnamed param {k}>")
+
+    def _stashed_rows_rank_major(self, params: list[Tensor], layout: "_RankMajor", like: Tensor) -> Optional[PieceRows]:
+        """The rank's other languages' gradients of this bucket, as pieces in the rank-major layout
+        (chunks of the stashed gradients, zeros for the padding)."""
+        stashed = self._stashed_rows(params)
+        if stashed is None:
+            return None
+        zeros = like.new_zeros(max(layout.chunk))
+        rows = []
+        for pieces in stashed.rows:  # one language: one (offset, gradient) piece per parameter, in order
+            grads = [g for _, g in pieces]
+            row, end = [], 0
+            for start, (k, lo, hi) in layout.chunks():
+                if start > end:
+                    row.append((end, zeros[: start - end]))
+                row.append((start, grads[k][lo:hi]))
+                end = start + hi - lo
+            if end < like.numel():
+                row.append((end, zeros[: like.numel() - end]))
+            rows.append(row)
+        return PieceRows(rows)
+
+    def _merge_record(self, index: int, params: list[Tensor], layout: "_RankMajor") -> None:
+        """The reducer recorded one entry per chunk; monitoring wants one per parameter, at its
+        place in the bucket's parameter order (its Gram the sum over its chunks)."""
+        info = self.reducer.buckets.get(index)
+        if info is None:  # a skipped (overflowed) step keeps no records
+            return
+        which = torch.tensor([k for _, (k, _, _) in layout.chunks()], device=info.param_grams.device)
+        grams = info.param_grams.new_zeros(len(params), *info.param_grams.shape[1:]).index_add_(0, which, info.param_grams)
+        ranges, offset = [], 0
+        for k, p in enumerate(params):
+            ranges.append(ParamRange(self._name(p, k), offset, offset + p.ds_numel))
+            offset += p.ds_numel
+        self.reducer.buckets[index] = dataclasses.replace(info, params=tuple(ranges), numel=offset, param_grams=grams)
+
+
+class _RankMajor:
+    """ZeRO-3's partitioning of a bucket's parameters, laid out rank-major: block r holds rank r's
+    chunk of every parameter, parameter k's at ``offsets[k]``, each ``chunk[k]`` long (padded)."""
+
+    def __init__(self, params: list[Tensor], world: int) -> None:
+        self.params, self.world = params, world
+        self.chunk = [math.ceil(p.ds_numel / world) for p in params]
+        self.offsets = [sum(self.chunk[:k]) for k in range(len(params))]
+        self.block = sum(self.chunk)
+
+    def chunks(self):
+        """``(start in the flat bucket, (parameter index, first element, end element))`` for every
+        non-empty chunk, in flat order."""
+        for r in range(self.world):
+            for k, p in enumerate(self.params):
+                lo, hi = r * self.chunk[k], min((r + 1) * self.chunk[k], p.ds_numel)
+                if lo < hi:
+                    yield r * self.block + self.offsets[k], (k, lo, hi)
