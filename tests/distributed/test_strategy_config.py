@@ -42,3 +42,22 @@ def test_defaults_and_argument_errors():
         BucketMOOStrategy(exchange="ring")
     with pytest.raises(ValueError, match="mode must be"):
         BucketMOOStrategy(mode="layer")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["demo_zero3.yaml", "llama3_70b_zero3_mgda.yaml"])
+def test_shipped_zero3_configs_pass_the_strategy_checks(name):
+    """The shipped ZeRO-3 configs reach DeepSpeed with stage 3, and nothing in them is refused."""
+    from pathlib import Path
+
+    from lightning_moo.layout import LanguageLayout
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / name).read_text())
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(Strategy, "strategy")
+    strategy = parser.instantiate(parser.parse_object({"strategy": config["strategy"]})).strategy
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] > 0 and zero["contiguous_gradients"]
+    languages = config["data"]["train_languages"]
+    strategy.layout = LanguageLayout.build(languages, config["trainer"]["devices"])
+    strategy._check_config()  # raises MisconfigurationException for anything the hook cannot serve
