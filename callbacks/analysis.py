@@ -56,6 +56,13 @@ class TextAnalysisCallback(Callback):
         self.run_at = check_run_points(run_at)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            # Rank zero would run the model alone, and a ZeRO-3 forward gathers every weight from all
+            # ranks: it would wait forever.
+            raise RuntimeError(
+                f"{type(self).__name__} measures on global rank zero alone, which under ZeRO-3 holds only a "
+                "partition of each weight. Leave it out of ZeRO-3 runs, or train with ZeRO-1/2."
+            )
         self.model = find_causal_lm(pl_module)
         self.tokenizer = resolve_tokenizer(self.tokenizer_source, pl_module)
         self.texts = load_texts(self.texts_source, self.languages, self.split, self.max_sentences)

@@ -119,3 +119,13 @@ def test_event_files_hold_the_logged_values(tmp_path):
     assert rows[1:] == [f"{lang}\t{k}" for lang in LANGUAGES for k in range(8)]
     vectors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
     np.testing.assert_allclose(vectors, own_pooled_features(model, tokenizer, texts)[-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("callback", [Silhouette, NeuronSpecificity])
+def test_zero3_is_refused_before_a_rank_zero_forward_could_hang(callback):
+    """Rank zero measures alone; under ZeRO-3 its forward would wait for the other ranks' partitions."""
+    tokenizer, texts = make_tokenizer(), make_texts(sentences=2, seed=1)
+    module = TinyLM(make_llama(seed=0), tokenizer, texts)
+    trainer = type("Trainer", (), {"strategy": type("Zero3", (), {"zero_stage_3": True})()})()
+    with pytest.raises(RuntimeError, match="under ZeRO-3 holds only a partition of each weight"):
+        callback(texts).setup(trainer, module, "fit")
