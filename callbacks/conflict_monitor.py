@@ -12,10 +12,12 @@ import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -24,7 +26,7 @@ from lightning_moo.buckets import BucketInfo
 from lightning_moo.tensorboard import RunWriters, figure_pixels
 
 from .conflict_figures import draw_images, in_model_order  # noqa: F401 (in_model_order: public here too)
-from .conflict_records import Limits, conflict_records, language_run
+from .conflict_records import SHADOW_SOLVERS, Limits, Shadow, conflict_records, default_shadows, language_run
 
 _KINDS = "|".join(re.escape(k) for k in (*metrics.MODULE_KINDS, "mixed"))
 # Per-group scalars, each a chart of one row of the custom-scalars dashboard.
@@ -45,6 +47,12 @@ class ConflictMonitor(pl.Callback):
     * ``conflict/global/``: ``cosine_mean``, ``cosine_min``, ``conflict_ratio`` from the whole model's
       Gram Σ_b G_b, ``gap_global`` (‖min-norm point‖² of Σ_b G_b), ``gap_bucket_sum``
       (Σ_b ‖min-norm point of G_b‖²) and ``direction_norm`` (‖d‖ of the applied direction);
+    * direction diagnostics: each shadow direction d_x — the ``shadow_solvers`` run on every bucket's
+      Gram (``mean_bucket``, ``mgda_bucket``, ``cagrad_bucket``), MGDA on Σ_b G_b (``mgda_global``) and a
+      copy of the running solver on Σ_b G_b (``solver_global``; not for a stateful solver) — gets
+      ``conflict/global/direction_norm_<x>`` (‖d_x‖) and ``conflict/global/direction_cos_<x>``
+      (cos(d, d_x)) in the logger's run and ``conflict/global/progress_<x>`` (⟨g_t, d_x⟩/‖d_x‖) in each
+      language's run;
     * the same cosine and ratio scalars under ``conflict/<kind>/`` (embeddings, attention, mlp, norms,
       head, other; split exactly by parameter, ``mixed`` only for a global_two_pass bucket spanning
       several kinds), ``conflict/layer_<i>/`` and ``conflict/bucket_<i>/`` (i = order of reduction;
@@ -89,6 +97,7 @@ class ConflictMonitor(pl.Callback):
         layer_groups: int = 4,
         history: int = 200,
         background: bool = True,
+        shadow_solvers: Sequence[str] = SHADOW_SOLVERS,
     ) -> None:
         super().__init__()
         if log_every_n_steps < 1 or image_every_n_steps < 1 or history < 1:
@@ -101,6 +110,11 @@ class ConflictMonitor(pl.Callback):
         self.limits = Limits(max_bucket_scalars, max_layer_scalars, layer_groups)
         self.history = history
         self.background = background
+        self.shadow_solvers = tuple(shadow_solvers)
+        # Built again at setup with the running solver; here already, so that a solver that cannot
+        # be replayed is refused when the monitor is made.
+        self._shadows: tuple[Shadow, ...] = default_shadows(self.shadow_solvers)
+        self._needs_losses = False
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list[Future] = []
         self._logger: Optional[TensorBoardLogger] = None
@@ -127,6 +141,12 @@ class ConflictMonitor(pl.Callback):
             )
         self._logger = loggers[0]
         self._param_names = [name for name, _ in pl_module.named_parameters()]
+        self._shadows = default_shadows(self.shadow_solvers, running=getattr(trainer.strategy, "solver", None))
+        self._needs_losses = any(s.solver.needs_losses for s in self._shadows)
+
+    def layout(self) -> dict:
+        """The custom-scalars layout this monitor writes (its shadow directions' charts included)."""
+        return custom_scalars_layout([s.tag for s in self._shadows])
 
     @property
     def runs(self) -> RunWriters:
@@ -151,7 +171,7 @@ class ConflictMonitor(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.runs[""].add_custom_scalars(custom_scalars_layout())
+            self.runs[""].add_custom_scalars(self.layout())
             # TensorBoard colours runs in the order it finds them, cycling a palette of seven: the
             # language runs come first, so that up to six languages never share a colour (pairs follow).
             for language in known_languages(trainer, pl_module):
@@ -175,15 +195,20 @@ class ConflictMonitor(pl.Callback):
             return
         current = [b for b in sorted(buckets.values(), key=lambda b: b.index) if b.step == step]
         names = language_names(trainer.strategy, current[0].gram.shape[0])
-        self._submit(self._write_step, current, names, step, log_scalars, log_images)
+        # A copy: the strategy's tensor is replaced, not updated, each step, but the writer thread
+        # must not depend on that. None when the solver gathers no losses (its shadow is left out).
+        losses = getattr(trainer.strategy, "language_losses", None) if self._needs_losses and log_scalars else None
+        losses = None if losses is None else losses.detach().to("cpu", torch.float64, copy=True)
+        self._submit(self._write_step, current, names, step, log_scalars, log_images, losses)
 
-    def _write_step(self, current: list[BucketInfo], names: list[str], step: int, log_scalars: bool, log_images: bool) -> None:
+    def _write_step(self, current: list[BucketInfo], names: list[str], step: int, log_scalars: bool, log_images: bool,
+                    losses: Optional[torch.Tensor] = None) -> None:
         # The bucket × step history lives on the writer thread alone (one worker: steps arrive in order).
         self._bucket_cosines[step] = {b.index: metrics.mean_cosine(b.gram) for b in current}
         for old in sorted(self._bucket_cosines)[: -self.history]:
             del self._bucket_cosines[old]
         if log_scalars:
-            records = conflict_records(current, names, self.limits)
+            records = conflict_records(current, names, self.limits, self._shadows, losses)
             for run, tags in records.scalars.items():
                 writer = self.runs[run]
                 for tag, value in tags.items():
@@ -296,9 +321,10 @@ def language_names(strategy, num_languages: int) -> list[str]:
     return [f"lang{t}" for t in range(num_languages)]
 
 
-def custom_scalars_layout() -> dict:
+def custom_scalars_layout(shadow_tags: Sequence[str] = ()) -> dict:
     """TensorBoard custom-scalars layout (category → chart → ["Multiline", [tag regexes]]). A chart shows
-    each matching tag of every run: the per-language tags once per language run, in its colour."""
+    each matching tag of every run: the per-language tags once per language run, in its colour.
+    ``shadow_tags`` (:attr:`Shadow.tag`) get a progress chart each."""
     layout = {
         "languages": {
             "training loss (mean and per language)": ["Multiline", [r"train/loss$", r"by_language/train_loss$"]],
@@ -313,7 +339,13 @@ def custom_scalars_layout() -> dict:
             "cosine per language pair": ["Multiline", [r"by_pair/cosine$"]],
             "conflict ratio": ["Multiline", [r"conflict/global/conflict_ratio"]],
             "stationarity gaps (global, bucket sum)": ["Multiline", [r"conflict/global/gap_.*"]],
-            "norm of the applied direction": ["Multiline", [r"conflict/global/direction_norm"]],
+            "norm of the applied direction": ["Multiline", [r"conflict/global/direction_norm$"]],
+        },
+        "direction: applied vs. shadow solvers": {
+            "norm: applied (direction_norm) and shadow directions": ["Multiline", [r"conflict/global/direction_norm"]],
+            "cosine of the applied direction with each shadow direction": ["Multiline", [r"conflict/global/direction_cos_"]],
+            "progress per language: applied": ["Multiline", [r"by_language/progress$"]],
+            **{f"progress per language: {tag}": ["Multiline", [rf"conflict/global/progress_{re.escape(tag)}$"]] for tag in shadow_tags},
         },
     }
     groups = {"module kinds": f"({_KINDS})", "layers": r"layers?_[^/]+", "buckets": r"bucket_\d+"}

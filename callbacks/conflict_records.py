@@ -11,17 +11,26 @@ Tags per logged step stay bounded as the model grows: per-bucket scalars are wri
 buckets (layers) become histograms over buckets (layers), the layers are summarised by
 ``layer_groups`` contiguous groups, and the per-bucket detail goes into images (see the monitor).
 :func:`scalar_bounds` is the resulting bound.
+
+The applied direction d is compared with **shadow** directions (:class:`Shadow`): what other solvers
+would have applied on the same Grams, per bucket or on the whole model. A solver maps Grams to
+weights, so replaying one costs T×T work per bucket and no gradient.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from lightning_moo import metrics
 from lightning_moo.buckets import BucketInfo
+from lightning_moo.solvers import MGDA, MOOSolver, get_solver
 
 MAIN = ""  # the TensorBoard logger's own run
 GLOBAL = "conflict/global"
@@ -29,6 +38,9 @@ GLOBAL = "conflict/global"
 # Language-free scalars of every group (main run), and the per-language ones (language runs).
 GROUP_SCALARS = ("cosine_mean", "cosine_min", "conflict_ratio")
 LANGUAGE_SCALARS = ("grad_norm", "weight")
+
+#: The solvers replayed per bucket by default, next to the applied direction.
+SHADOW_SOLVERS = ("mean", "mgda", "cagrad")
 
 
 def language_run(name: str) -> str:
@@ -79,7 +91,53 @@ class Records:
         return {tag for tags in self.scalars.values() for tag in tags}
 
 
-def scalar_bounds(num_languages: int, limits: Limits = Limits()) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Shadow:
+    """A direction the applied one is compared with: what ``solver`` would have applied on this step's
+    Grams, solving each bucket's G_b (``level="bucket"``) or once the whole model's Σ_b G_b
+    (``level="global"``: one weight vector for every parameter). Its scalars are tagged ``tag``."""
+
+    name: str
+    solver: MOOSolver
+    level: Literal["bucket", "global"]
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}_{self.level}"
+
+
+def replayable(solver: MOOSolver) -> Optional[str]:
+    """Why ``solver`` cannot be replayed on a step's Grams off the training thread, or None if it can.
+
+    A stateful solver's weights depend on its history of solves (GradVac's and EMA's moving
+    averages, Nash-MTL's warm start): a fresh instance would answer like a first step, and the
+    training instance must not be touched. A loss-based weighting does not solve Grams at all."""
+    if not solver.uses_gram:
+        return f"{type(solver).__name__} weighs losses, not gradients"
+    if solver.stateful:
+        return f"{type(solver).__name__} is stateful: its weights depend on earlier steps a replay has not seen"
+    return None
+
+
+def default_shadows(names: Sequence[str] = SHADOW_SOLVERS, running: Optional[MOOSolver] = None) -> tuple[Shadow, ...]:
+    """Fresh shadows: the registry solvers ``names`` (default arguments) per bucket, MGDA on the whole
+    model (the min-norm point of conv{g_t}, the direction of Pareto stationarity), and — given the
+    running solver — a private copy of it on the whole model (``solver_global``), unless
+    :func:`replayable` says no. The instances are the caller's alone: solving sets per-call context
+    on a solver, so the training thread's instance is never used."""
+    out = []
+    for name in names:
+        solver = get_solver(name)
+        if (reason := replayable(solver)) is not None or solver.needs_losses:
+            raise ValueError(f"shadow solver {name!r} cannot be replayed on the Grams alone: {reason or 'it reads the losses'}")
+        out.append(Shadow(name, solver, "bucket"))
+    out.append(Shadow("mgda", MGDA(), "global"))
+    if running is not None and replayable(running) is None:
+        out.append(Shadow("solver", copy.deepcopy(running), "global"))
+    return tuple(out)
+
+
+def scalar_bounds(num_languages: int, limits: Limits = Limits(), num_shadows: int = len(SHADOW_SOLVERS) + 2) -> tuple[int, int]:
     """(tags, series): the most distinct scalar tags and (run, tag) series of one logged step, whatever
     the number of buckets and layers.
 
@@ -87,12 +145,14 @@ def scalar_bounds(num_languages: int, limits: Limits = Limits()) -> tuple[int, i
     one group per layer (up to ``max_layer_scalars``) or ``layer_groups``, and up to
     ``max_bucket_scalars`` buckets. Each group has 3 main-run scalars and 2 per language, under 5 tags;
     a bucket adds its gap. The whole model adds the two gaps and ‖d‖, a progress per language and a
-    cosine per language pair."""
+    cosine per language pair, and each of ``num_shadows`` shadow directions (default: the
+    monitor's) its norm, its cosine with d and a progress per language."""
     T = num_languages
     groups = 7 + 2 + max(limits.max_layer_scalars, limits.layer_groups) + 1  # + the whole model
     per_group_tags, per_group_series = len(GROUP_SCALARS) + len(LANGUAGE_SCALARS), len(GROUP_SCALARS) + len(LANGUAGE_SCALARS) * T
-    tags = groups * per_group_tags + 3 + 1 + 1 + limits.max_bucket_scalars * (per_group_tags + 1)
-    series = groups * per_group_series + 3 + T + T * (T - 1) // 2 + limits.max_bucket_scalars * (per_group_series + 1)
+    tags = groups * per_group_tags + 3 + 1 + 1 + 3 * num_shadows + limits.max_bucket_scalars * (per_group_tags + 1)
+    series = (groups * per_group_series + 3 + T + T * (T - 1) // 2 + num_shadows * (2 + T)
+              + limits.max_bucket_scalars * (per_group_series + 1))
     return tags, series
 
 
@@ -132,8 +192,41 @@ def layer_group_names(layers: Sequence[int], num_groups: int) -> dict[int, str]:
     return names
 
 
-def conflict_records(buckets: list[BucketInfo], names: list[str], limits: Limits = Limits()) -> Records:
-    """Everything ConflictMonitor logs as scalars and histograms for one step (``buckets`` of that step)."""
+def _directions(records: Records, buckets: list[BucketInfo], total: Tensor, names: list[str],
+                shadows: Sequence[Shadow], losses: Optional[Tensor]) -> None:
+    """The applied direction's norm and progress, and each shadow's norm, cosine with it and progress.
+    A shadow whose solver reads the losses is left out when the step's losses are not at hand."""
+    step = buckets[0].step
+    solved, weights = [], []
+    for shadow in shadows:
+        if shadow.solver.needs_losses and losses is None:
+            continue
+        given = losses if shadow.solver.needs_losses else None
+        if shadow.level == "bucket":
+            w = torch.stack([shadow.solver(b.gram, bucket=b.index, step=step, losses=given) for b in buckets])
+        else:  # as the strategies solve the single bucket of mode="global_two_pass"
+            w = shadow.solver(total, bucket="global", step=step, losses=given)
+        solved.append(shadow)
+        weights.append(w)
+    applied = torch.stack([b.weights for b in buckets])
+    stats = metrics.compare_directions([b.gram for b in buckets], [applied, *weights])
+    records.scalar(MAIN, f"{GLOBAL}/direction_norm", stats.norms[0])
+    for name, value in zip(names, stats.progress[0].tolist()):
+        records.scalar(language_run(name), "by_language/progress", value)
+    for k, shadow in enumerate(solved, start=1):
+        records.scalar(MAIN, f"{GLOBAL}/direction_norm_{shadow.tag}", stats.norms[k])
+        records.scalar(MAIN, f"{GLOBAL}/direction_cos_{shadow.tag}", stats.cosines[0, k])
+        for name, value in zip(names, stats.progress[k].tolist()):
+            records.scalar(language_run(name), f"{GLOBAL}/progress_{shadow.tag}", value)
+
+
+def conflict_records(buckets: list[BucketInfo], names: list[str], limits: Limits = Limits(),
+                     shadows: Optional[Sequence[Shadow]] = None, losses: Optional[Tensor] = None) -> Records:
+    """Everything ConflictMonitor logs as scalars and histograms for one step (``buckets`` of that step).
+
+    ``shadows``: the directions d is compared with (default: fresh :func:`default_shadows` without the
+    running solver's); ``losses``: each language's loss this step, for a shadow solver that reads
+    them."""
     records = Records()
     grams = [b.gram for b in buckets]
     total = metrics.sum_grams(grams)
@@ -144,10 +237,7 @@ def conflict_records(buckets: list[BucketInfo], names: list[str], limits: Limits
     gaps = [metrics.stationarity_gap(g) for g in grams]  # one min-norm QP per bucket, used twice below
     records.scalar(MAIN, "conflict/global/gap_global", metrics.stationarity_gap(total))
     records.scalar(MAIN, "conflict/global/gap_bucket_sum", sum(gaps))
-    norm, progress = metrics.direction_progress(whole)
-    records.scalar(MAIN, "conflict/global/direction_norm", norm)
-    for name, value in zip(names, progress.tolist()):
-        records.scalar(language_run(name), "by_language/progress", value)
+    _directions(records, buckets, total, names, default_shadows() if shadows is None else shadows, losses)
 
     for kind, pieces in metrics.group_pieces(buckets, "kind").items():
         _group(records, f"conflict/{kind}", pieces, names)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -191,22 +192,38 @@ def mean_weights(pieces: Sequence[Piece]) -> Tensor:
     return (numel[:, None] * weights).sum(0) / numel.sum()
 
 
-def direction_progress(pieces: Sequence[Piece]) -> tuple[float, Tensor]:
-    """‖d‖ and each language's first-order loss decrease per unit step along the applied direction.
+@dataclass(frozen=True)
+class Directions:
+    """K update directions over the same parameters, compared through the Grams (see
+    :func:`compare_directions`)."""
 
-    Piece b applies d_b = Σ_t w_b,t g_b,t, so with d = Σ_b d_b the inner products add up over pieces:
-    ⟨g_t, d⟩ = Σ_b (G_b w_b)_t and ‖d‖² = Σ_b w_bᵀ G_b w_b. ``progress[t]`` = ⟨g_t, d⟩ / ‖d‖ is the rate at
-    which language t's loss falls per unit length of the step (its gradient norm times cos(g_t, d));
-    negative means the update raises that language's loss to first order. Zero when d = 0.
+    norms: Tensor  # [K] ‖d_k‖
+    cosines: Tensor  # [K, K] cos(d_k, d_l); 0 where either direction is zero, 1 on the diagonal
+    progress: Tensor  # [K, T] ⟨g_t, d_k⟩ / ‖d_k‖; 0 where d_k = 0
+
+
+def compare_directions(grams: Sequence[Tensor], directions: Sequence[Tensor]) -> Directions:
+    """Norms, cosines and per-language progress of directions known only by their weights per bucket.
+
+    Direction k applies d_k,b = J_bᵀ W_k,b in bucket b (J_b: the T languages' gradients there), so
+    with G_b = J_b J_bᵀ every inner product adds up over buckets: ⟨g_t, d_k⟩ = Σ_b (G_b W_k,b)_t and
+    ⟨d_k, d_l⟩ = Σ_b W_k,bᵀ G_b W_l,b. ``directions[k]`` is W_k: a [B, T] tensor (one weight vector
+    per bucket, as bucket-level solvers apply) or a [T] vector, the same in every bucket — a
+    whole-model direction d = Jᵀw, such as a solver's on Σ_b G_b. ``progress[k, t]`` is the rate at
+    which language t's loss falls per unit length of a step along d_k (its gradient norm times
+    cos(g_t, d_k)); negative means d_k raises that loss to first order. O(K·B·T²) arithmetic.
     """
-    if not pieces:
-        raise ValueError("no pieces to combine")
-    along = torch.zeros(pieces[0].gram.shape[0], dtype=torch.float64)
-    squared = 0.0
-    for p in pieces:
-        g, w = p.gram.to("cpu", torch.float64), p.weights.to("cpu", torch.float64)
-        gw = g @ w
-        along += gw
-        squared += float(w @ gw)
-    norm = max(squared, 0.0) ** 0.5
-    return norm, (along / norm if norm > 0 else torch.zeros_like(along))
+    if not grams or not directions:
+        raise ValueError("compare_directions needs at least one Gram matrix and one direction")
+    # NumPy: at these sizes a torch op costs more than its arithmetic, and on a machine whose cores
+    # are busy training, torch's intra-op threads can wait for each other far longer still.
+    G = np.stack([g.detach().to("cpu", torch.float64).numpy() for g in grams])  # [B, T, T]
+    B, T = G.shape[0], G.shape[1]
+    W = np.stack([np.broadcast_to(w.detach().to("cpu", torch.float64).numpy(), (B, T)) for w in directions])  # [K, B, T]
+    GW = np.einsum("bij,kbj->kbi", G, W)  # ⟨g_b,t, d_k,b⟩
+    inner = W.reshape(len(W), -1) @ GW.reshape(len(W), -1).T  # the Gram of the directions
+    inner = torch.from_numpy(0.5 * (inner + inner.T))
+    norms = inner.diagonal().clamp_min(0).sqrt()
+    along = torch.from_numpy(GW.sum(1))  # [K, T]: ⟨g_t, d_k⟩
+    progress = torch.where(norms[:, None] > 0, along / torch.where(norms > 0, norms, 1.0)[:, None], 0.0)
+    return Directions(norms, cosine_matrix(inner), progress)

@@ -24,7 +24,10 @@ class Writer:
     """Records what the callback would send to one TensorBoard run."""
 
     def __init__(self) -> None:
-        self.scalars, self.figures, self.histograms = {}, {}, {}
+        self.scalars, self.figures, self.histograms, self.layout = {}, {}, {}, None
+
+    def add_custom_scalars(self, layout):
+        self.layout = layout
 
     def add_scalar(self, tag, value, step):
         self.scalars[(tag, step)] = value

@@ -70,7 +70,9 @@ def test_an_8b_sized_layout_writes_a_bounded_number_of_scalars():
     """160 buckets, 32 blocks, 8 languages: ~4,000 scalars per logged step before; now a few hundred."""
     buckets, _, grads = llama_buckets(layers=32, buckets=160, languages=8)
     records = conflict_records(buckets, LANGS8)
-    assert records.scalar_series <= 300 and len(records.scalar_tags) <= 80  # docs/monitoring.md: 248 and 60
+    # 288 series and 72 tags with conflict_records' four default shadow directions (docs/monitoring.md: the
+    # monitor's five give 298 and 75)
+    assert records.scalar_series <= 300 and len(records.scalar_tags) <= 80
     tags, series = scalar_bounds(8)
     assert records.scalar_series <= series and len(records.scalar_tags) <= tags
     assert not any("/bucket_" in tag or tag.startswith("conflict/layer_1") for tag in records.scalar_tags)

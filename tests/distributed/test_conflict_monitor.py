@@ -91,7 +91,8 @@ def test_logged_conflict_metrics_equal_autograd(monitored):
         # Two languages: the min-norm point of the segment [g_en, g_de] in closed form.
         d = v[0] - v[1]
         gamma = float(((v[1] - v[0]) @ v[1] / (d @ d)).clamp(0, 1))
-        min_norm = float((gamma * v[0] + (1 - gamma) * v[1]).norm() ** 2)
+        point = gamma * v[0] + (1 - gamma) * v[1]
+        min_norm = float(point.norm() ** 2)
         assert scalar(acc, "conflict/global/gap_global", step) == pytest.approx(min_norm, rel=1e-4, abs=1e-9)
         for i, b in buckets.items():
             for name, w in zip(LANGUAGES, b.weights.tolist()):
@@ -100,6 +101,13 @@ def test_logged_conflict_metrics_equal_autograd(monitored):
         d = torch.cat([sum(w * flat(g, [p.name for p in b.params]) for w, g in zip(b.weights.tolist(), grads)) for b in buckets.values()])
         for name, g in zip(LANGUAGES, v):
             assert scalar(runs[f"language/{name}"], "by_language/progress", step) == pytest.approx(float(g @ d / d.norm()), rel=1e-5)
+        # Direction diagnostics: MGDA's whole-model direction (the min-norm point; the running solver is
+        # MGDA, so solver_global is the same) and the mean gradient, against the applied d.
+        for tag, x in (("mgda_global", point), ("solver_global", point), ("mean_bucket", (v[0] + v[1]) / 2)):
+            assert scalar(acc, f"conflict/global/direction_cos_{tag}", step) == pytest.approx(float(cosine_similarity(d, x, dim=0)), abs=1e-5)
+            for name, g in zip(LANGUAGES, v):
+                progress = scalar(runs[f"language/{name}"], f"conflict/global/progress_{tag}", step)
+                assert progress == pytest.approx(float(g @ x / x.norm()), rel=1e-4, abs=1e-6 * float(g.norm()))
         gap_sum = sum(scalar(acc, f"conflict/bucket_{i}/gap", step) for i in buckets)
         assert scalar(acc, "conflict/global/gap_bucket_sum", step) == pytest.approx(gap_sum, rel=1e-5)
         # Each bucket chooses its own weights, so the bucket-level gap never exceeds the global one.
