@@ -39,8 +39,16 @@ CONFIGS = {
     "bucket MGDA sharded, 2 ranks per language": dict(solver="MGDA", ranks_per_language=2),
     "stock ZeRO-2, 2 batches per rank": dict(strategy="stock", languages_per_rank=2),
     "bucket MGDA sharded, 2 languages per rank": dict(solver="MGDA", languages_per_rank=2, baseline="stock ZeRO-2, 2 batches per rank"),
+    "stock ZeRO-3": dict(strategy="stock", stage=3),
+    "bucket MGDA ZeRO-3 sharded": dict(solver="MGDA", stage=3, baseline="stock ZeRO-3"),
+    "bucket CAGrad ZeRO-3 sharded": dict(solver="CAGrad", stage=3, baseline="stock ZeRO-3"),
     "stock DDP": dict(strategy="ddp_stock"),
     "bucket MGDA DDP sharded": dict(solver="MGDA", strategy="ddp", baseline="stock DDP"),
+    # FSDP2: every Linear layer one fully_shard unit (= one bucket), against stock FSDP2 with the same units.
+    "stock FSDP": dict(strategy="fsdp_stock"),
+    "bucket MGDA FSDP sharded": dict(solver="MGDA", strategy="fsdp", baseline="stock FSDP"),
+    "bucket MGDA FSDP allgather": dict(solver="MGDA", strategy="fsdp", exchange="allgather", baseline="stock FSDP"),
+    "bucket CAGrad FSDP sharded": dict(solver="CAGrad", strategy="fsdp", baseline="stock FSDP"),
 }
 
 
@@ -68,6 +76,9 @@ class ByteCounter:
             "reduce_scatter_tensor": lambda a, k: size(arg(a, k, 1, "input")) * (n() - 1) / n(),
             "all_gather_into_tensor": lambda a, k: size(arg(a, k, 1, "input_tensor")) * (n() - 1),
             "all_gather": lambda a, k: size(arg(a, k, 1, "tensor")) * (n() - 1),
+            # FSDP2's collectives (the deprecated names above call these without going through ``dist``).
+            "reduce_scatter_single": lambda a, k: size(arg(a, k, 1, "input")) * (n() - 1) / n(),
+            "all_gather_single": lambda a, k: size(arg(a, k, 1, "input_tensor")) * (n() - 1),
             "all_to_all_single": lambda a, k: _all_to_all_cost(arg(a, k, 1, "input"), a[3] if len(a) > 3 else k.get("input_split_sizes"), dist.get_rank(), n()),
         }
         for name, cost in costs.items():
@@ -100,10 +111,10 @@ def worker(spec: dict) -> None:
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     import lightning_moo.solvers as solvers
-    from lightning_moo.strategies import BucketMOODDPStrategy, BucketMOOStrategy, StockDeepSpeedStrategy
+    from lightning_moo.strategies import BucketMOODDPStrategy, BucketMOOFSDPStrategy, BucketMOOStrategy, StockDeepSpeedStrategy
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -136,6 +147,17 @@ def worker(spec: dict) -> None:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-4)
 
+    class ShardedMLP(MLP):
+        """Stock FSDP2: the units BucketMOOFSDPStrategy(units=["Linear"]) forms, sharded the stock way."""
+
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
     class Timer(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -152,23 +174,27 @@ def worker(spec: dict) -> None:
             if batch_idx >= spec["warmup"]:
                 self.times.append(time.perf_counter() - self.start)
 
-    zero = dict(stage=2, reduce_bucket_size=spec["bucket"], logging_batch_size_per_gpu=batch)
+    zero = dict(stage=spec.get("stage", 2), reduce_bucket_size=spec["bucket"], logging_batch_size_per_gpu=batch)
     ddp = dict(bucket_cap_mb=spec["bucket"] * 4 / 2**20, find_unused_parameters=True)  # same buckets from step 1
     kind = spec.get("strategy", "moo")
     if kind == "stock":
         strategy = StockDeepSpeedStrategy(**zero)
     elif kind == "ddp_stock":
         strategy = DDPStrategy(**ddp)
+    elif kind == "fsdp_stock":
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     else:
         solver = getattr(solvers, spec["solver"])()
         languages = world * m // k
         if kind == "ddp":
             strategy = BucketMOODDPStrategy(solver=solver, exchange=spec.get("exchange", "sharded"), languages=languages, **ddp)
+        elif kind == "fsdp":
+            strategy = BucketMOOFSDPStrategy(solver=solver, exchange=spec.get("exchange", "sharded"), languages=languages, units=["Linear"])
         else:
             strategy = BucketMOOStrategy(
                 solver=solver, exchange=spec.get("exchange", "sharded"), mode=spec.get("mode", "bucket"), languages=languages, **zero
             )
-    timer, model = Timer(), MLP()
+    timer, model = Timer(), ShardedMLP() if kind == "fsdp_stock" else MLP()
     steps = spec["warmup"] + spec["steps"]
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=steps, callbacks=[timer], logger=False,
@@ -184,7 +210,7 @@ def worker(spec: dict) -> None:
         step_s=statistics.median(timer.times),
         bytes_per_step=sent,
         peak_rss_mb=_vm_hwm_kib() / 1024,
-        params=sum(p.numel() for p in model.parameters()),
+        params=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),  # ZeRO-3: full sizes
         buckets=len(getattr(strategy, "buckets", {})),
     )
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(result))
@@ -268,7 +294,9 @@ def main() -> None:
     lines.append(f"Parameters: {results['stock ZeRO-2']['params']:,}. Rows with a `baseline` compare with it instead of stock "
                  "ZeRO-2: '2 languages per rank' with stock ZeRO-2 running the same 2 batches per rank (one backward of "
                  "their mean), DDP with stock DDP (same bucket_cap_mb; its bytes are "
-                 "computed, 2n(N-1)/N for n gradient bytes, because DDP's reducer bypasses the counted Python collectives).")
+                 "computed, 2n(N-1)/N for n gradient bytes, because DDP's reducer bypasses the counted Python collectives); "
+                 "ZeRO-3 rows with stock ZeRO-3 (the same reduce_bucket_size); FSDP rows with stock FSDP2 (every Linear "
+                 "one fully_shard unit, i.e. one bucket, in both).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
 

@@ -26,6 +26,13 @@ def batch_count(texts: Mapping[str, Sequence[str]], batch_size: int) -> int:
     return sum(-(-len(sentences) // batch_size) for sentences in texts.values())
 
 
+def shards_parameters(strategy) -> bool:
+    """Whether each rank holds only a partition of the weights (ZeRO-3, FSDP)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return bool(getattr(strategy, "zero_stage_3", False)) or isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
 def check_run_points(run_at: Sequence[str]) -> tuple[str, ...]:
     unknown = [point for point in run_at if point not in RUN_POINTS]
     if unknown:
@@ -56,12 +63,13 @@ class TextAnalysisCallback(Callback):
         self.run_at = check_run_points(run_at)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if getattr(trainer.strategy, "zero_stage_3", False):
-            # Rank zero would run the model alone, and a ZeRO-3 forward gathers every weight from all
-            # ranks: it would wait forever.
+        if shards_parameters(trainer.strategy):
+            # Rank zero would run the model alone, and a ZeRO-3 or FSDP forward gathers every weight
+            # from all ranks: it would wait forever.
             raise RuntimeError(
-                f"{type(self).__name__} measures on global rank zero alone, which under ZeRO-3 holds only a "
-                "partition of each weight. Leave it out of ZeRO-3 runs, or train with ZeRO-1/2."
+                f"{type(self).__name__} measures on global rank zero alone, which under "
+                f"{type(trainer.strategy).__name__} (ZeRO-3 or FSDP) holds only a partition of each weight. "
+                "Leave it out of such runs, or train with ZeRO-1/2 or DDP."
             )
         self.model = find_causal_lm(pl_module)
         self.tokenizer = resolve_tokenizer(self.tokenizer_source, pl_module)

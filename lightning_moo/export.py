@@ -90,6 +90,8 @@ def build_module(config_args: list[str], adapter: bool = False) -> MultilingualL
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[list[str]]]:
     """The weights of a checkpoint (Lightning module names) and the names it lists under
     ``trainable_parameters`` (None for checkpoints from before that key)."""
+    if path.is_dir() and (path / "meta.pt").is_file():
+        return read_distributed_checkpoint(path)
     if path.is_dir():
         return read_deepspeed_checkpoint(path)
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -107,6 +109,21 @@ def read_deepspeed_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[l
         raise ExportError(f"{path} is a directory without a `latest` file, so not a DeepSpeed checkpoint: "
                           "pass the <name>.ckpt directory that fit wrote")
     return get_fp32_state_dict_from_zero_checkpoint(str(path)), saved_trainable(path)
+
+
+def read_distributed_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[list[str]]]:
+    """``read_checkpoint`` of a PyTorch distributed checkpoint (what FSDP strategies save: a shard per
+    rank plus Lightning's ``meta.pt``), consolidated by torch's own converter."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "checkpoint.pt"
+        dcp_to_torch_save(str(path), str(whole))
+        state = torch.load(whole, map_location="cpu", weights_only=False)["state_dict"]
+    meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    return state, meta.get(TRAINABLE)
 
 
 def load_weights(module: MultilingualLM, state: dict[str, Tensor], trained: Optional[list[str]], path: Path) -> None:

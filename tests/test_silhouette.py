@@ -122,10 +122,15 @@ def test_event_files_hold_the_logged_values(tmp_path):
 
 
 @pytest.mark.parametrize("callback", [Silhouette, NeuronSpecificity])
-def test_zero3_is_refused_before_a_rank_zero_forward_could_hang(callback):
-    """Rank zero measures alone; under ZeRO-3 its forward would wait for the other ranks' partitions."""
+def test_sharded_weights_are_refused_before_a_rank_zero_forward_could_hang(callback):
+    """Rank zero measures alone; under ZeRO-3 or FSDP its forward would wait for the other ranks' partitions."""
     tokenizer, texts = make_tokenizer(), make_texts(sentences=2, seed=1)
     module = TinyLM(make_llama(seed=0), tokenizer, texts)
     trainer = type("Trainer", (), {"strategy": type("Zero3", (), {"zero_stage_3": True})()})()
-    with pytest.raises(RuntimeError, match="under ZeRO-3 holds only a partition of each weight"):
+    with pytest.raises(RuntimeError, match=r"under Zero3 \(ZeRO-3 or FSDP\) holds only a partition of each weight"):
+        callback(texts).setup(trainer, module, "fit")
+    from lightning_moo.strategies import BucketMOOFSDPStrategy
+
+    trainer.strategy = BucketMOOFSDPStrategy()
+    with pytest.raises(RuntimeError, match="under BucketMOOFSDPStrategy"):
         callback(texts).setup(trainer, module, "fit")
