@@ -122,6 +122,10 @@ def worker(spec: dict) -> None:
     # libraries load is not counted as training memory.
     for name in ("MGDA", "CAGrad", "PCGrad"):
         getattr(solvers, name)()(torch.eye(world, dtype=torch.float64) + 0.5)
+    # Likewise the modules the strategies' start-up check imports (DeepSpeed's, for the FSDP rows).
+    from lightning_moo._compat import check_internals
+
+    check_internals()
     width, layers, batch = spec["width"], spec["layers"], spec["batch"]
     # m languages per rank: m batches per step (stock: one backward of their mean; MOO: m - 1
     # stashed gradients and one backward). k ranks per language: T = world / k languages.
