@@ -57,7 +57,9 @@ class Zero3BucketHook(DeepSpeedBucketHook):
         return out
 
     def _describe(self, params: list[Tensor], layout: "_RankMajor") -> Bucket:
-        """Every chunk that holds elements is a piece (padding stays out of the Grams); rank r owns block r."""
+        """Every chunk is a piece, empty ones too (the last ranks' chunks of a parameter with fewer than N
+        elements), so that piece ``r·P + k`` is rank r's chunk of parameter k; padding stays out of the
+        Grams; rank r owns block r."""
         ranges = [
             ParamRange(self._name(params[k], k), start, start + hi - lo) for start, (k, lo, hi) in layout.chunks()
         ]
@@ -94,8 +96,8 @@ class Zero3BucketHook(DeepSpeedBucketHook):
         info = self.reducer.buckets.get(index)
         if info is None:  # a skipped (overflowed) step keeps no records
             return
-        which = torch.tensor([k for _, (k, _, _) in layout.chunks()], device=info.param_grams.device)
-        grams = info.param_grams.new_zeros(len(params), *info.param_grams.shape[1:]).index_add_(0, which, info.param_grams)
+        # Piece r·P + k is rank r's chunk of parameter k: a reshape, nothing the device must be asked.
+        grams = info.param_grams.view(layout.world, len(params), *info.param_grams.shape[1:]).sum(0)
         ranges, offset = [], 0
         for k, p in enumerate(params):
             ranges.append(ParamRange(self._name(p, k), offset, offset + p.ds_numel))
@@ -115,9 +117,8 @@ class _RankMajor:
 
     def chunks(self):
         """``(start in the flat bucket, (parameter index, first element, end element))`` for every
-        non-empty chunk, in flat order."""
+        chunk, rank by rank, in flat order (empty where a parameter has fewer than N elements)."""
         for r in range(self.world):
             for k, p in enumerate(self.params):
-                lo, hi = r * self.chunk[k], min((r + 1) * self.chunk[k], p.ds_numel)
-                if lo < hi:
-                    yield r * self.block + self.offsets[k], (k, lo, hi)
+                lo, hi = min(r * self.chunk[k], p.ds_numel), min((r + 1) * self.chunk[k], p.ds_numel)
+                yield r * self.block + self.offsets[k], (k, lo, hi)
