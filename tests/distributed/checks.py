@@ -45,6 +45,19 @@ def assert_ranks_identical(results: list[dict]) -> None:
             assert torch.equal(p, r["params"][name]), f"{name} differs between ranks"
 
 
+def assert_resumed_equals_straight(straight_ranks: list[dict], resumed_ranks: list[dict]) -> None:
+    """A run checkpointed after 2 steps and resumed equals the straight run bit for bit on every rank,
+    solver state included: Nash-MTL (``update_weights_every=3``) still reuses step 0's weights at step 2,
+    after the resume, and solves afresh at step 3."""
+    assert_ranks_identical(resumed_ranks)
+    straight, resumed = straight_ranks[0], resumed_ranks[0]
+    for name, p in straight["params"].items():
+        assert torch.equal(resumed["params"][name], p), name
+    for i, b in resumed["buckets"][2].items():
+        assert torch.equal(b.weights, straight["buckets"][0][i].weights)
+        assert not torch.equal(b.weights, resumed["buckets"][3][i].weights)
+
+
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = 1e-6) -> None:
     for name in a:
         err = (a[name] - b[name]).abs().max().item()

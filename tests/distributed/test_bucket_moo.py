@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from checks import assert_close, assert_ranks_identical, language_grads, load, single_language_sgd
+from checks import assert_close, assert_ranks_identical, assert_resumed_equals_straight, language_grads, load, single_language_sgd
 from launch import run_ranks
 from toy import make_net
 
@@ -254,13 +254,7 @@ def test_checkpoint_resumes_parameters_optimizer_and_solver_state(tmp_path):
     Nash-MTL reuses step 0's weights until step 3, also across the resume."""
     common = dict(solver=solver("NashMTL", update_weights_every=3), optimizer="adam", lr=0.01, steps=4, reduce_bucket_size=BUCKET)
     res = run_ranks([dict(name="straight", **common), dict(name="resumed", resume_at=2, **common)], tmp_path)
-    straight, resumed = res["straight"][0], res["resumed"][0]
-    assert_ranks_identical(res["resumed"])
-    for name, p in straight["params"].items():
-        assert torch.equal(resumed["params"][name], p), name
-    for i, b in resumed["buckets"][2].items():
-        assert torch.equal(b.weights, straight["buckets"][0][i].weights)
-        assert not torch.equal(b.weights, resumed["buckets"][3][i].weights)
+    assert_resumed_equals_straight(res["straight"], res["resumed"])
 
 
 @pytest.mark.timeout(300)

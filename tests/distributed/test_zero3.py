@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import assert_close, assert_mgda_per_bucket, assert_ranks_identical, language_grads
+from checks import assert_close, assert_mgda_per_bucket, assert_ranks_identical, assert_resumed_equals_straight, language_grads
 from launch import run_ranks
 from test_bucket_moo import BUCKET, LR, solver, trajectory
 from toy import make_net
@@ -122,14 +122,7 @@ def test_two_ranks_with_two_languages_each_solve_all_four(zero3_runs):
 
 @pytest.mark.timeout(500)
 def test_checkpoint_resumes_parameters_optimizer_and_solver_state(zero3_runs):
-    straight, resumed = zero3_runs["straight"][0], zero3_runs["resumed"][0]
-    assert_ranks_identical(zero3_runs["resumed"])
-    for name, p in straight["params"].items():
-        assert torch.equal(resumed["params"][name], p), name
-    # After the resume (step 2) Nash-MTL still reuses step 0's weights, and solves afresh at step 3.
-    for i, b in resumed["buckets"][2].items():
-        assert torch.equal(b.weights, straight["buckets"][0][i].weights)
-        assert not torch.equal(b.weights, resumed["buckets"][3][i].weights)
+    assert_resumed_equals_straight(zero3_runs["straight"], zero3_runs["resumed"])
 
 
 @pytest.mark.timeout(300)
