@@ -157,6 +157,19 @@ def test_fairgrad_equation_holds_to_the_grams_precision(J, alpha):
     assert (np.abs((Gl @ wl) * wl**p - 1) <= np.maximum(1e-9, floor)).all()
 
 
+@pytest.mark.parametrize("alpha", [2.0, 5.0, 20.0])
+def test_fairgrad_converges_with_weights_eleven_orders_apart(alpha):
+    """A rank-deficient Gram Hypothesis found (g3 = 3·g1 − 0.005·g2, norms 0.005, 1, 0.016):
+    the solution has w_1 ~ 1e4 next to w_3 ~ 1e-5, where a potential evaluated as a difference of
+    totals could not see the decrease of a step on the small weights and the iteration stalled."""
+    J = np.array([[0.005, 0.0], [0.0, 1.0], [0.015, -0.005]])
+    G = J @ J.T
+    w = weights(FairGrad(alpha=alpha), J)
+    assert (w > 0).all()
+    np.testing.assert_allclose((G @ w) * w ** (1 / alpha), 1.0, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(w, fairgrad_root(J, alpha), rtol=1e-8)
+
+
 @pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan"), float("inf")])
 def test_fairgrad_rejects_bad_alpha(alpha):
     with pytest.raises(ValueError, match="alpha"):

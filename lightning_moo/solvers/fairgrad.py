@@ -30,7 +30,8 @@ class FairGrad(MOOSolver):
     ``w^(1−1/α)/(1−1/α)``), whose stationarity condition is the equation above: damped Newton
     (Hessian ``G + diag(h)``, ``h_t = w_t^(−1−1/α)/α``, solved as ``D(DGD + I)D`` with
     ``D = diag(h^(−1/2))``, so rank-deficient Grams are never singular), a fraction-to-the-boundary
-    rule keeping ``w > 0``, Armijo backtracking. It is solved on ``G/s`` (``s`` the largest squared
+    rule keeping ``w > 0``, Armijo backtracking on the potential's change computed term by term
+    (``log1p``/``expm1`` of ``δ/w``: weights can lie eleven orders apart). It is solved on ``G/s`` (``s`` the largest squared
     norm) and rescaled by ``s^(−α/(1+α))``, the equation's exact scaling law. It stops once every
     relative residual ``r_t = |(Gw)_t w_t^(1/α) − 1|`` is below 1e-12 or below its rounding floor
     ``8·T·eps·(|G||w|)_t·w_t^(1/α)`` (the error of computing ``(Gw)_t``, relative to it; above
@@ -103,10 +104,6 @@ def _solve_normalised(G: np.ndarray, alpha: float, max_iter: int) -> np.ndarray:
     # The single-task solutions, G_tt w_t = w_t^(−p): the right scale per task to start from.
     w = np.diag(G) ** (-alpha / (1.0 + alpha))
 
-    def potential(x: np.ndarray) -> float:
-        barrier = np.log(x).sum() if alpha == 1.0 else (x ** (1.0 - p)).sum() / (1.0 - p)
-        return 0.5 * x @ G @ x - barrier
-
     best, stalled = np.inf, 0
     for _ in range(max_iter):
         r, floor = _residual(G, w, p)
@@ -123,13 +120,15 @@ def _solve_normalised(G: np.ndarray, alpha: float, max_iter: int) -> np.ndarray:
         neg = step < 0
         if neg.any():  # stay inside w > 0
             t = min(1.0, 0.99 * float(np.min(-w[neg] / step[neg])))
-        f0, slope = potential(w), float(grad @ step)
+        slope = float(grad @ step)
+        Gw, sGs = G @ w, float(step @ G @ step)
 
         def accepted(t: float) -> bool:
-            # Armijo on the potential, or — where w is large and the potential's rounding hides
-            # the decrease — a smaller residual of the equation.
-            trial = w + t * step
-            return potential(trial) <= f0 + 1e-4 * t * slope or _residual(G, trial, p)[0].max() < residual
+            # Armijo on the potential's change, computed term by term (no difference of two
+            # large totals, which rounding hides where some w_t are large and others tiny), or
+            # a smaller residual of the equation.
+            change = t * float(step @ Gw) + 0.5 * t * t * sGs - _barrier_change(w, t * step, p).sum()
+            return change <= 1e-4 * t * slope or _residual(G, w + t * step, p)[0].max() < residual
 
         while not accepted(t) and t > 1e-16:
             t *= 0.5
@@ -141,6 +140,15 @@ def _solve_normalised(G: np.ndarray, alpha: float, max_iter: int) -> np.ndarray:
         f"FairGrad Newton iteration stopped at relative residual {r.max():.2e} after {max_iter} steps "
         f"(alpha={alpha}, Gram {G.tolist()})"
     )
+
+
+def _barrier_change(w: np.ndarray, delta: np.ndarray, p: float) -> np.ndarray:
+    """``φ(w + δ) − φ(w)`` per task without cancellation: ``φ = log`` (p = 1) or
+    ``w^(1−p)/(1−p)``, through ``log1p`` and ``expm1`` of the relative change ``δ/w``."""
+    log_ratio = np.log1p(delta / w)
+    if p == 1.0:
+        return log_ratio
+    return w ** (1.0 - p) * np.expm1((1.0 - p) * log_ratio) / (1.0 - p)
 
 
 def _residual(G: np.ndarray, w: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
