@@ -15,7 +15,10 @@ Frank–Wolfe whose error decays like 1/k. At T ≤ a few dozen each NumPy call 
 arithmetic, so the count of solves is what matters: a guessed support is first improved by block
 principal pivoting (many coordinates swapped per solve), Lawson–Hanson (one coordinate per solve)
 checks or finishes the result, and the solves are Cholesky factorisations of the Jacobi-scaled
-passive block, with least squares where that block is singular to working precision. The tests
+passive block, with least squares where that block is singular to working precision. Where block
+pivoting fails (singular or ill-conditioned Grams) MGDA and UPGrad/DualProj start instead from
+SciPy's compiled NNLS on a square root of the Gram, taken only where it passes the KKT test on the
+Gram itself (else Lawson–Hanson descends from it). The tests
 hold MGDA's KKT conditions to 1e-6 of the largest squared gradient norm and its objective to brute force over supports; on random Grams
 the KKT residual is ~1e-12, and up to ~1e-7 where gradients agree to 1e-7 in direction or span
 twelve orders of magnitude in norm (the Gram then holds no more digits).
@@ -24,6 +27,7 @@ twelve orders of magnitude in norm (the Gram then holds no more digits).
 from __future__ import annotations
 
 import numpy as np
+from scipy import optimize
 from scipy.linalg import lapack
 
 _EPS = np.finfo(np.float64).eps
@@ -61,14 +65,22 @@ def nnls_gram(Q: np.ndarray, q: np.ndarray, max_iter: int | None = None, start: 
 class LawsonHanson:
     """:func:`nnls_gram` for one ``Q`` and any number of linear terms ``q``."""
 
-    def __init__(self, Q: np.ndarray) -> None:
+    def __init__(self, Q: np.ndarray, compiled_guess: bool = False) -> None:
+        """``compiled_guess``: where block principal pivoting fails, start from SciPy's solution
+        (see :meth:`_compiled_guess`) instead of from zero. On singular ``Q`` the optimum's weights
+        are not unique and SciPy's can be larger than Lawson–Hanson's (which adds coordinates only
+        as needed): for callers that use the direction, not the weights' size."""
         self.Q = Q
-        self.Q_abs = float(np.abs(Q).max(initial=0.0))
+        self.compiled_guess = compiled_guess
+        self.abs_Q = np.abs(Q)
+        self.Q_abs = float(self.abs_Q.max(initial=0.0))
         # Jacobi scaling to a unit diagonal for every linear solve: gradients whose norms differ
         # by orders of magnitude make Q badly scaled (not nearly singular), and the solves would
         # otherwise lose the small ones' directions. The iterate stays in the original units.
         self.d = 1.0 / np.sqrt(np.maximum(Q.diagonal(), _TINY))
         self.Qs = Q * self.d[:, None] * self.d[None, :]
+        self._root: tuple[np.ndarray, np.ndarray] | None = None  # see _compiled_guess
+        self._pivoting_failed = False
 
     def solve(self, q: np.ndarray, max_iter: int | None = None, start: np.ndarray | None = None) -> np.ndarray:
         Q, n = self.Q, q.shape[0]
@@ -76,10 +88,19 @@ class LawsonHanson:
         q_abs = float(np.abs(q).max(initial=0.0))
         u = np.zeros(n)
         passive = np.zeros(n, dtype=bool)
-        if start is not None and start.any():
+        # Block principal pivoting fails on singular or ill-conditioned blocks, a property of Q:
+        # after one failure the other problems on this Q go straight to the compiled guess.
+        guess = None
+        if start is not None and start.any() and not self._pivoting_failed:
             guess = self._exchange(q, start, q_abs)
-            if guess is not None and _decreases(Q, q, u, guess[0], -q, 10 * n * _EPS * q_abs):
-                u, passive = guess
+            self._pivoting_failed = guess is None
+        if guess is not None and _decreases(Q, q, u, guess[0], -q, 10 * n * _EPS * q_abs):
+            return guess[0]  # block pivoting checked the KKT conditions to the tolerance below
+        if self.compiled_guess and n > 2 and (guess := self._compiled_guess(q)) is not None:
+            if self._optimal(q, guess, q_abs):
+                return guess
+            # Lawson–Hanson's invariant (u optimal on its support) from the guess, not from zero.
+            u, passive = self._descend(q, guess, guess > 0)
         # Coordinates whose addition the last try rejected: in exact arithmetic adding a
         # coordinate with a positive negative-gradient always lowers the objective; in floating
         # point a rounding-level gradient may not, and retrying it would cycle. Cleared whenever
@@ -104,19 +125,51 @@ class LawsonHanson:
             blocked[:] = False
         raise RuntimeError(f"Lawson–Hanson NNLS did not converge in {max_iter} iterations (n={n})")
 
+    def _optimal(self, q: np.ndarray, u: np.ndarray, q_abs: float) -> bool:
+        """The KKT conditions at ``u ≥ 0``: a zero gradient on the support, a non-negative one
+        elsewhere, each entry to its own rounding bound (never looser than the tolerance
+        :meth:`solve` stops at)."""
+        neg_grad = -(self.Q @ u + q)
+        violation = np.where(u > 0, np.abs(neg_grad), neg_grad)
+        # Each entry's own rounding bound, so that a large weight elsewhere cannot widen it.
+        return bool((violation <= 10 * q.shape[0] * _EPS * (np.abs(q) + self.abs_Q @ u)).all())
+
+    def _compiled_guess(self, q: np.ndarray) -> np.ndarray | None:
+        """SciPy's compiled Lawson–Hanson on a square root of ``Q`` (``Q = AᵀA`` by eigenvalues,
+        ``Aᵀb = −q``): where the passive blocks are singular or ill-conditioned, block principal
+        pivoting fails and Lawson–Hanson adds one coordinate per NumPy-bound iteration, ~20 µs
+        each; SciPy's loop costs ~1 µs. Its answer is accepted only where it meets the KKT
+        conditions on ``Q`` itself to the tolerance Lawson–Hanson stops at (always, in the
+        benchmark's degenerate families, by a factor of 100); otherwise :meth:`solve` descends
+        from it, so the result is this method's exact optimum either way."""
+        if self._root is None:
+            lam, V = eigh(self.Q)
+            keep = lam > _EPS * max(float(lam[-1]), 0.0) * lam.shape[0]
+            self._root = (V[:, keep] * np.sqrt(lam[keep])).T, V[:, keep] / np.sqrt(lam[keep])
+        A, pinv_t = self._root
+        try:
+            u = optimize.nnls(A, -(q @ pinv_t), maxiter=20 * q.shape[0])[0]
+        except RuntimeError:  # SciPy's iteration limit: start from zero as before
+            return None
+        # A zero column (a zero gradient) leaves its coordinate free in SciPy's problem, and it
+        # may come back huge; its optimum is 0 (its linear term is ≥ 0, or nothing is bounded).
+        u[self.Q.diagonal() <= 0] = 0.0
+        return u
+
     def _exchange(self, q: np.ndarray, passive: np.ndarray, q_abs: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Block principal pivoting (Júdice & Pires 1994; Kim & Park 2011) from the guessed
         support: solve on the passive set, then swap every coordinate that breaks optimality (a
         negative passive value, a positive negative-gradient elsewhere) at once, and after three
         swaps that do not lower their number only the last of them, which terminates for positive
-        definite ``Q`` (here capped at ten solves). Usually a few solves where Lawson–Hanson adds
-        coordinates one at a time.
+        definite ``Q`` (here capped at five solves: on the benchmark's well-conditioned families it
+        succeeds within five, and solves past five were mostly spent cycling on ill-conditioned
+        ones). Usually a few solves where Lawson–Hanson adds coordinates one at a time.
         Returns the optimum, checked to the tolerances of :meth:`solve`, or None (a singular block,
         no convergence, a check failed) to let Lawson–Hanson start from zero."""
         Q, n = self.Q, q.shape[0]
         passive = passive.copy()
         fewest, chances = n + 1, 3
-        for _ in range(10):  # it converges in a few swaps or, on ill-conditioned Q, tends to cycle
+        for _ in range(5):  # it converges in a few swaps or, on ill-conditioned Q, tends to cycle
             try:
                 z = self._solve_on(q, passive, strict=True)
             except np.linalg.LinAlgError:
@@ -167,9 +220,10 @@ class LawsonHanson:
             # (e.g. affinely dependent gradients), where the least-norm solution of lstsq is the
             # one the method needs.
             factor, x, info = lapack.dposv(A, b)
-            if info != 0 and strict:
+            singular = info != 0 or factor.diagonal().min() ** 2 <= 1e3 * idx.size * _EPS
+            if singular and strict:
                 raise np.linalg.LinAlgError("singular passive block")
-            if info != 0 or (not strict and factor.diagonal().min() ** 2 <= 1e3 * idx.size * _EPS):
+            if singular:
                 x = np.linalg.lstsq(A, b, rcond=None)[0]
             z[idx] = self.d[idx] * x
         return z
@@ -213,7 +267,7 @@ def min_norm_weights(gram: np.ndarray, start: np.ndarray | None = None) -> np.nd
         return _min_norm_two(G)
     # Without a guess, start from every task: where the min-norm point is interior (the usual case
     # for T ≪ the gradients' dimension) that is the answer in one solve.
-    u = nnls_gram(G + 1.0, -np.ones(T), start=np.ones(T, dtype=bool) if start is None else start)
+    u = LawsonHanson(G + 1.0, compiled_guess=True).solve(-np.ones(T), start=np.ones(T, dtype=bool) if start is None else start)
     total = u.sum()
     if total <= 0:
         raise RuntimeError("min-norm NNLS returned the zero vector; the Gram matrix is not PSD")

@@ -24,10 +24,13 @@ def project_rows_onto_dual_cone(G: np.ndarray, U: np.ndarray) -> np.ndarray:
 
     Each NNLS starts from the constraints its vector violates, ``{t : (Gu)_t < 0}``: projecting
     ``Jᵀu`` makes exactly those active when the violated gradients are not too correlated, so the
-    usual solve is one linear system and the optimality check.
+    usual solve is one linear system and the optimality check. On singular or ill-conditioned
+    Grams (more tasks than the gradients' rank, or nearly so) that guess fails and each projection
+    starts from SciPy's compiled NNLS instead (see :class:`~lightning_moo.solvers.qp.LawsonHanson`):
+    20–40 NumPy-bound active-set steps per projection become one compiled call and a KKT check.
     """
     G = G / scale_of(G)
-    nnls = LawsonHanson(G)
+    nnls = LawsonHanson(G, compiled_guess=True)
     return U + np.stack([nnls.solve(q, start=q < 0) for q in U @ G])
 
 
