@@ -198,6 +198,14 @@ def _send_to_owners(
     """
     world = len(slices)
     lo, hi = slices[rank].start, slices[rank].start + slices[rank].length
+    if _combined_where_owned(segments, slices):
+        # Every element is owned by the rank that combined it (DDP's and ZeRO-3's segments are
+        # the slices): nothing to send, and skipping the collective is the same decision on every
+        # rank, made from what every rank knows alike.
+        for seg in segments:
+            if seg.owner == rank and seg.length:
+                tensor[seg.start : seg.start + seg.length].copy_(combined[seg.start - lo : seg.start - lo + seg.length])
+        return
     outgoing: list[list[tuple[int, int]]] = [[] for _ in range(world)]
     incoming: list[list[tuple[int, int]]] = [[] for _ in range(world)]
     for seg in segments:
@@ -222,6 +230,16 @@ def _send_to_owners(
     for start, n in (piece for per_source in incoming for piece in per_source):
         tensor[start : start + n].copy_(recv[offset : offset + n])
         offset += n
+
+
+def _combined_where_owned(segments: Sequence[Segment], slices: Sequence[Segment]) -> bool:
+    """Whether every slice's elements all belong to the rank that combines that slice."""
+    for seg in segments:
+        end = seg.start + seg.length
+        for source, sl in enumerate(slices):
+            if source != seg.owner and max(seg.start, sl.start) < min(end, sl.start + sl.length):
+                return False
+    return True
 
 
 def _gather_slices(rows: PieceRows, slices: Sequence[Segment], group, like: Tensor, out: Tensor | None = None) -> Tensor:
