@@ -8,7 +8,7 @@ about to reduce as a :class:`Bucket` and hands it, with this rank's flat gradien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from torch import Tensor
@@ -61,6 +61,13 @@ class BucketInfo:
     # P×T×T float64, one Gram per entry of ``params`` (they sum to ``gram``): what lets monitoring
     # aggregate exactly by layer or module kind when a bucket spans several.
     param_grams: Optional[Tensor] = None
+
+    def per_parameter(self, params: tuple[ParamRange, ...], world: int) -> BucketInfo:
+        """This record with pieces laid out rank-major (piece ``r·P + k`` is rank r's chunk of
+        parameter k, as ZeRO-3 and FSDP shard a bucket) folded into one entry per parameter of
+        ``params``, each Gram the sum over its chunks: a reshape, nothing read on the host."""
+        grams = self.param_grams.view(world, len(params), *self.param_grams.shape[1:]).sum(0)
+        return replace(self, params=tuple(params), numel=params[-1].end, param_grams=grams)
 
 
 def even_segments(numel: int, world_size: int) -> list[Segment]:

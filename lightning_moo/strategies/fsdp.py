@@ -97,10 +97,7 @@ class FSDPUnitReduceScatter(ReduceScatter):
         info = self.reducer.buckets.get(self.index)
         if info is None:  # a skipped (overflowed) step records nothing
             return
-        grams = info.param_grams.view(world, len(params), *info.param_grams.shape[1:]).sum(0)
-        self.reducer.buckets[self.index] = BucketInfo(
-            self.index, tuple(params), params[-1].end, info.gram, info.weights, info.step, grams
-        )
+        self.reducer.buckets[self.index] = info.per_parameter(tuple(params), world)
 
 
 class FSDPBucketHook:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional
 
@@ -96,13 +95,11 @@ class Zero3BucketHook(DeepSpeedBucketHook):
         info = self.reducer.buckets.get(index)
         if info is None:  # a skipped (overflowed) step keeps no records
             return
-        # Piece r·P + k is rank r's chunk of parameter k: a reshape, nothing the device must be asked.
-        grams = info.param_grams.view(layout.world, len(params), *info.param_grams.shape[1:]).sum(0)
         ranges, offset = [], 0
         for k, p in enumerate(params):
             ranges.append(ParamRange(self._name(p, k), offset, offset + p.ds_numel))
             offset += p.ds_numel
-        self.reducer.buckets[index] = dataclasses.replace(info, params=tuple(ranges), numel=offset, param_grams=grams)
+        self.reducer.buckets[index] = info.per_parameter(tuple(ranges), layout.world)
 
 
 class _RankMajor:
