@@ -31,9 +31,10 @@ class FairGrad(MOOSolver):
     (Hessian ``G + diag(h)``, ``h_t = w_t^(−1−1/α)/α``, solved as ``D(DGD + I)D`` with
     ``D = diag(h^(−1/2))``, so rank-deficient Grams are never singular), a fraction-to-the-boundary
     rule keeping ``w > 0``, Armijo backtracking on the potential's change computed term by term
-    (``log1p``/``expm1`` of ``δ/w``: weights can lie eleven orders apart). It is solved on ``G/s`` (``s`` the largest squared
-    norm) and rescaled by ``s^(−α/(1+α))``, the equation's exact scaling law. It stops once every
-    relative residual ``r_t = |(Gw)_t w_t^(1/α) − 1|`` is below 1e-12 or below its rounding floor
+    (``log1p``/``expm1`` of ``δ/w``: weights can lie eleven orders apart). It is solved on ``G/s``
+    (``s`` the largest squared norm) and rescaled by ``s^(−α/(1+α))``, the equation's exact scaling
+    law. It stops once every relative residual ``r_t = |(Gw)_t w_t^(1/α) − 1|`` is below 1e-12 or
+    below its rounding floor
     ``8·T·eps·(|G||w|)_t·w_t^(1/α)`` (the error of computing ``(Gw)_t``, relative to it; above
     1e-12 only where ``Gw`` cancels, next to Pareto stationarity or for small α); if the residual
     stops halving for 10 steps it accepts ``r_t ≤ max(1e-6, 10·floor_t)``, and raises

@@ -89,7 +89,8 @@ class LawsonHanson:
         u = np.zeros(n)
         passive = np.zeros(n, dtype=bool)
         # Block principal pivoting fails on singular or ill-conditioned blocks, a property of Q:
-        # after one failure the other problems on this Q go straight to the compiled guess.
+        # after one failure the later problems on this Q skip it (to the compiled guess where
+        # enabled, else to Lawson–Hanson from zero).
         guess = None
         if start is not None and start.any() and not self._pivoting_failed:
             guess = self._exchange(q, start, q_abs)
