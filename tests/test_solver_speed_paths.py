@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.optimize import brentq, nnls
 
 from lightning_moo.solvers import MGDA, CAGrad, UPGrad, check_gram
-from lightning_moo.solvers.qp import LawsonHanson, min_norm_weights, nnls_gram, scale_of
+from lightning_moo.solvers.qp import LawsonHanson, min_norm_weights, nnls_gram, psd_root, scale_of
 from lightning_moo.solvers.upgrad import project_onto_dual_cone
 
 from jacobians import jacobians, nonzero
@@ -79,29 +79,51 @@ def test_nnls_with_any_start_matches_scipy(family, T, seed):
 
 
 @pytest.mark.parametrize("family, T, seed", CASES)
+def test_psd_root_is_a_square_root_with_the_rank_as_rows(family, T, seed):
+    """RᵀR = Q to rounding, with as many rows as Q's rank where that rank is exact (the Jacobian
+    built with fewer independent rows than tasks)."""
+    J = jacobian(family, T, seed)
+    Q = J @ J.T / scale_of(J @ J.T) if J.any() else J @ J.T
+    R = psd_root(Q)
+    np.testing.assert_allclose(R.T @ R, Q, rtol=0, atol=1e-13)
+    exact_rank = {"rank-deficient": max(1, T // 2), "duplicated": T - T // 2}.get(family)
+    if exact_rank is not None:
+        assert R.shape[0] == exact_rank
+
+
+@pytest.mark.parametrize("family, T, seed", CASES)
 def test_nnls_from_any_compiled_guess_ends_at_the_optimum(family, T, seed, monkeypatch):
-    """With ``compiled_guess`` the result is the optimum whatever the guess is: SciPy's (taken only
-    where it meets the KKT conditions on Q), or a wrong one (which the method descends from). ``b``
-    in the range of ``A``, as in the solvers' problems (q = Gu), so that the optimum is bounded
-    even on the ill-conditioned family."""
+    """With a root the result is the optimum whatever the guess is: SciPy's (taken only where it
+    meets the KKT conditions on Q), or a wrong one (which the method descends from); one problem
+    at a time and several at once (``solve_rows``, whose guesses are tested together). ``b`` in
+    the range of ``A``, as in the solvers' problems (q = Gu), so that the optimum is bounded even
+    on the ill-conditioned family; the first problem's optimum is zero."""
     rng = np.random.default_rng(seed)
     A = jacobian(family, T, seed).T
     A /= np.sqrt(scale_of(A.T @ A))
-    b = A @ rng.normal(size=T)
-    Q, q = A.T @ A, -A.T @ b
-    best = nnls_objective(Q, q, LawsonHanson(Q).solve(q))
+    Q = A.T @ A
+    X = rng.normal(size=(4, T))
+    X[0] = 0.0
+    qs = -(X @ Q)
+    best = [nnls_objective(Q, q, LawsonHanson(Q).solve(q)) for q in qs]
     if family in ("random", "hard-conflict", "rank-deficient"):
-        best = min(best, nnls_objective(Q, q, nnls(A, b)[0]))
+        best = [min(o, nnls_objective(Q, q, nnls(A, A @ x)[0])) for o, q, x in zip(best, qs, X)]
 
-    def check(u: np.ndarray) -> None:
-        assert (u >= 0).all()
-        assert nnls_objective(Q, q, u) <= best + 1e-10 * max(1.0, abs(best))
+    def check(us: np.ndarray) -> None:
+        for u, q, o in zip(us, qs, best):
+            assert (u >= 0).all()
+            assert nnls_objective(Q, q, u) <= o + 1e-10 * max(1.0, abs(o))
 
-    for start in [None, np.ones(T, bool), q < 0]:
-        check(LawsonHanson(Q, compiled_guess=True).solve(q, start=start))
+    def rooted() -> LawsonHanson:
+        return LawsonHanson(Q, root=lambda: psd_root(Q))
+
+    for start in [lambda q: None, lambda q: np.ones(T, bool), lambda q: q < 0]:
+        check([rooted().solve(q, start=start(q), rhs=lambda R, x=x: R @ x) for q, x in zip(qs, X)])
+    check(rooted().solve_rows(qs, qs < 0, rhs=lambda R: X @ R.T))
     for wrong in [3 * rng.random(T), np.where(rng.random(T) < 0.5, 1e3, 0.0)]:
-        monkeypatch.setattr(LawsonHanson, "_compiled_guess", lambda self, q, wrong=wrong: wrong.copy())
-        check(LawsonHanson(Q, compiled_guess=True).solve(q))
+        monkeypatch.setattr(LawsonHanson, "_compiled_guess", lambda self, b, wrong=wrong: wrong.copy())
+        check([rooted().solve(q, rhs=lambda R, x=x: R @ x) for q, x in zip(qs, X)])
+        check(rooted().solve_rows(qs, np.zeros_like(qs, dtype=bool), rhs=lambda R: X @ R.T))
 
 
 @pytest.mark.parametrize("family, T, seed", [c for c in CASES if c[1] <= 8])

@@ -16,15 +16,19 @@ arithmetic, so the count of solves is what matters: a guessed support is first i
 principal pivoting (many coordinates swapped per solve), Lawson–Hanson (one coordinate per solve)
 checks or finishes the result, and the solves are Cholesky factorisations of the Jacobi-scaled
 passive block, with least squares where that block is singular to working precision. Where block
-pivoting fails (singular or ill-conditioned Grams) MGDA and UPGrad/DualProj start instead from
-SciPy's compiled NNLS on a square root of the Gram, taken only where it passes the KKT test on the
-Gram itself (else Lawson–Hanson descends from it). The tests
+pivoting fails or is bound to (a Gram singular to working precision: more tasks than the
+gradients' rank, or singular values down to 1e-8) MGDA and UPGrad/DualProj start instead from
+SciPy's compiled NNLS on the least-squares form of their problem, with a pivoted-Cholesky root of
+the Gram (:func:`psd_root`), taken only where it passes the KKT test on the Gram itself (else
+Lawson–Hanson descends from it). The tests
 hold MGDA's KKT conditions to 1e-6 of the largest squared gradient norm and its objective to brute force over supports; on random Grams
 the KKT residual is ~1e-12, and up to ~1e-7 where gradients agree to 1e-7 in direction or span
 twelve orders of magnitude in norm (the Gram then holds no more digits).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from scipy import optimize
@@ -49,6 +53,20 @@ def eigh(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lam, V
 
 
+def psd_root(Q: np.ndarray) -> np.ndarray:
+    """A matrix ``R`` (rank × n) with ``RᵀR = Q`` to rounding, for a symmetric PSD ``Q``, by LAPACK's
+    pivoted Cholesky (dpstrf): it stops where the remaining diagonal is below ``10·n·eps·max(diag)``,
+    the rounding of a Gram matrix's entries (LAPACK's default, half of ``n·eps``, kept rank-one
+    rounding residues as rows), so its rows are the numerical rank. A tenth of an
+    eigendecomposition's time at n = 32."""
+    factor, piv, rank, info = lapack.dpstrf(Q, tol=10 * Q.shape[0] * _EPS * scale_of(Q))
+    if info < 0:
+        raise ValueError(f"pivoted Cholesky rejected its argument (LAPACK dpstrf info={info})")
+    R = np.zeros((rank, Q.shape[0]))
+    R[:, piv - 1] = np.triu(factor[:rank])
+    return R
+
+
 def nnls_gram(Q: np.ndarray, q: np.ndarray, max_iter: int | None = None, start: np.ndarray | None = None) -> np.ndarray:
     """Solve ``min_{u ≥ 0} ½ uᵀQu + qᵀu`` for a symmetric PSD ``Q`` (Lawson–Hanson, Gram form).
 
@@ -65,13 +83,15 @@ def nnls_gram(Q: np.ndarray, q: np.ndarray, max_iter: int | None = None, start: 
 class LawsonHanson:
     """:func:`nnls_gram` for one ``Q`` and any number of linear terms ``q``."""
 
-    def __init__(self, Q: np.ndarray, compiled_guess: bool = False) -> None:
-        """``compiled_guess``: where block principal pivoting fails, start from SciPy's solution
-        (see :meth:`_compiled_guess`) instead of from zero. On singular ``Q`` the optimum's weights
-        are not unique and SciPy's can be larger than Lawson–Hanson's (which adds coordinates only
-        as needed): for callers that use the direction, not the weights' size."""
+    def __init__(self, Q: np.ndarray, root: Callable[[], np.ndarray] | None = None) -> None:
+        """``root``: a function returning a matrix ``R`` with ``RᵀR = Q`` (e.g. by :func:`psd_root`),
+        called once, where first needed. With it, where block principal pivoting fails or is
+        bound to (``Q`` singular to working precision), problems start from SciPy's compiled NNLS
+        on ``R`` (see :meth:`_compiled_guess`) instead of from zero. On singular ``Q`` the optimum's weights are not unique and SciPy's can be larger than
+        Lawson–Hanson's (which adds coordinates only as needed): for callers that use the
+        direction, not the weights' size."""
         self.Q = Q
-        self.compiled_guess = compiled_guess
+        self._make_root, self._root = root, None
         self.abs_Q = np.abs(Q)
         self.Q_abs = float(self.abs_Q.max(initial=0.0))
         # Jacobi scaling to a unit diagonal for every linear solve: gradients whose norms differ
@@ -79,29 +99,85 @@ class LawsonHanson:
         # otherwise lose the small ones' directions. The iterate stays in the original units.
         self.d = 1.0 / np.sqrt(np.maximum(Q.diagonal(), _TINY))
         self.Qs = Q * self.d[:, None] * self.d[None, :]
-        self._root: tuple[np.ndarray, np.ndarray] | None = None  # see _compiled_guess
-        self._pivoting_failed = False
+        # Block pivoting fails (meets singular blocks, or cycles) where Q is singular to working
+        # precision: with a root to start from instead, it is not tried there.
+        self._pivoting_failed = root is not None and _singular(*lapack.dpotrf(self.Qs))
 
-    def solve(self, q: np.ndarray, max_iter: int | None = None, start: np.ndarray | None = None) -> np.ndarray:
+    def solve(self, q: np.ndarray, max_iter: int | None = None, start: np.ndarray | None = None,
+              rhs: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The optimum for the linear term ``q``. ``rhs``: with a ``root``, a function of ``R``
+        returning a ``b`` with ``Rᵀb = −q``, the least-squares form of the problem, which the
+        caller knows without a solve (e.g. ``b = −Ru`` for ``q = Qu``)."""
         Q, n = self.Q, q.shape[0]
-        max_iter = max_iter if max_iter is not None else 10 * n + 20
         q_abs = float(np.abs(q).max(initial=0.0))
         u = np.zeros(n)
+        if not (-q).max(initial=0.0) > 10 * n * _EPS * q_abs:
+            return u  # zero is optimal, as the loop below would find at once
         passive = np.zeros(n, dtype=bool)
         # Block principal pivoting fails on singular or ill-conditioned blocks, a property of Q:
-        # after one failure the later problems on this Q skip it (to the compiled guess where
-        # enabled, else to Lawson–Hanson from zero).
+        # after one failure (with a root: from the start where Q is singular) the problems on
+        # this Q skip it (to the compiled guess where there is a root, else to Lawson–Hanson
+        # from zero).
         guess = None
         if start is not None and start.any() and not self._pivoting_failed:
             guess = self._exchange(q, start, q_abs)
             self._pivoting_failed = guess is None
         if guess is not None and _decreases(Q, q, u, guess[0], -q, 10 * n * _EPS * q_abs):
             return guess[0]  # block pivoting checked the KKT conditions to the tolerance below
-        if self.compiled_guess and n > 2 and (guess := self._compiled_guess(q)) is not None:
-            if self._optimal(q, guess, q_abs):
+        if rhs is not None and self._compiles and (guess := self._compiled_guess(rhs(self.root()))) is not None:
+            if self._optimal(q[None], guess[None])[0]:
                 return guess
-            # Lawson–Hanson's invariant (u optimal on its support) from the guess, not from zero.
-            u, passive = self._descend(q, guess, guess > 0)
+            return self._from_guess(q, guess, max_iter)
+        return self._lawson_hanson(q, u, passive, max_iter)
+
+    def solve_rows(self, qs: np.ndarray, starts: np.ndarray, rhs: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """:meth:`solve` for every row of ``qs``, with ``starts[i]`` and row ``i`` of ``rhs(R)``.
+        Once block pivoting is off for this ``Q``, the remaining rows' compiled guesses are
+        tested together: one vectorised KKT test instead of a few NumPy calls per row."""
+        out, B = np.zeros_like(qs), None
+
+        def row_rhs(R: np.ndarray, i: int) -> np.ndarray:
+            nonlocal B
+            B = rhs(R) if B is None else B
+            return B[i]
+
+        # Rows whose optimum is zero (no entry of −q beyond rounding) need no solve.
+        tol = 10 * qs.shape[1] * _EPS * np.abs(qs).max(axis=1, initial=0.0)
+        guessed = []
+        for i in ((-qs).max(axis=1, initial=0.0) > tol).nonzero()[0]:
+            if not (self._pivoting_failed and self._compiles):
+                out[i] = self.solve(qs[i], start=starts[i], rhs=lambda R, i=i: row_rhs(R, i))
+            elif (guess := self._compiled_guess(row_rhs(self.root(), i))) is None:
+                out[i] = self.solve(qs[i])
+            else:
+                out[i] = guess
+                guessed.append(i)
+        guessed = np.array(guessed, dtype=int)
+        for i in guessed[~self._optimal(qs[guessed], out[guessed])]:
+            out[i] = self._from_guess(qs[i], out[i])
+        return out
+
+    @property
+    def _compiles(self) -> bool:
+        return self._make_root is not None and self.Q.shape[0] > 2
+
+    def root(self) -> np.ndarray:
+        """The root ``R`` (``RᵀR = Q``) given as a function to the constructor, made once."""
+        if self._root is None:
+            self._root = self._make_root()
+        return self._root
+
+    def _from_guess(self, q: np.ndarray, guess: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+        """Lawson–Hanson from a guess that failed the KKT test: its invariant (``u`` optimal on
+        its support) is restored first, from the guess rather than from zero."""
+        u, passive = self._descend(q, guess, guess > 0)
+        return self._lawson_hanson(q, u, passive, max_iter)
+
+    def _lawson_hanson(self, q: np.ndarray, u: np.ndarray, passive: np.ndarray, max_iter: int | None) -> np.ndarray:
+        """Lawson–Hanson's outer loop from ``u``, optimal on its support ``passive``."""
+        Q, n = self.Q, q.shape[0]
+        max_iter = max_iter if max_iter is not None else 10 * n + 20
+        q_abs = float(np.abs(q).max(initial=0.0))
         # Coordinates whose addition the last try rejected: in exact arithmetic adding a
         # coordinate with a positive negative-gradient always lowers the objective; in floating
         # point a rounding-level gradient may not, and retrying it would cycle. Cleared whenever
@@ -126,31 +202,26 @@ class LawsonHanson:
             blocked[:] = False
         raise RuntimeError(f"Lawson–Hanson NNLS did not converge in {max_iter} iterations (n={n})")
 
-    def _optimal(self, q: np.ndarray, u: np.ndarray, q_abs: float) -> bool:
-        """The KKT conditions at ``u ≥ 0``: a zero gradient on the support, a non-negative one
-        elsewhere, each entry to its own rounding bound (never looser than the tolerance
-        :meth:`solve` stops at)."""
-        neg_grad = -(self.Q @ u + q)
-        violation = np.where(u > 0, np.abs(neg_grad), neg_grad)
+    def _optimal(self, qs: np.ndarray, us: np.ndarray) -> np.ndarray:
+        """Per row, the KKT conditions at ``u ≥ 0`` for the linear term ``q``: a zero gradient on
+        the support, a non-negative one elsewhere, each entry to its own rounding bound (never
+        looser than the tolerance :meth:`solve` stops at)."""
+        neg_grad = -(us @ self.Q + qs)
+        violation = np.where(us > 0, np.abs(neg_grad), neg_grad)
         # Each entry's own rounding bound, so that a large weight elsewhere cannot widen it.
-        return bool((violation <= 10 * q.shape[0] * _EPS * (np.abs(q) + self.abs_Q @ u)).all())
+        return (violation <= 10 * qs.shape[-1] * _EPS * (np.abs(qs) + us @ self.abs_Q)).all(axis=-1)
 
-    def _compiled_guess(self, q: np.ndarray) -> np.ndarray | None:
-        """SciPy's compiled Lawson–Hanson on a square root of ``Q`` (``Q = AᵀA`` by eigenvalues,
-        ``Aᵀb = −q``): where the passive blocks are singular or ill-conditioned, block principal
-        pivoting fails and Lawson–Hanson adds one coordinate per NumPy-bound iteration, ~20 µs
-        each; SciPy's loop costs ~1 µs. Its answer is accepted only where it meets the KKT
-        conditions on ``Q`` itself to the tolerance Lawson–Hanson stops at (always, in the
-        benchmark's degenerate families, by a factor of 100); otherwise :meth:`solve` descends
-        from it, so the result is this method's exact optimum either way."""
-        if self._root is None:
-            lam, V = eigh(self.Q)
-            keep = lam > _EPS * max(float(lam[-1]), 0.0) * lam.shape[0]
-            self._root = (V[:, keep] * np.sqrt(lam[keep])).T, V[:, keep] / np.sqrt(lam[keep])
-        A, pinv_t = self._root
+    def _compiled_guess(self, b: np.ndarray) -> np.ndarray | None:
+        """SciPy's compiled Lawson–Hanson on the root, ``min_{u ≥ 0} ‖Ru − b‖²``: where the
+        passive blocks are singular or ill-conditioned, block principal pivoting fails and
+        Lawson–Hanson adds one coordinate per NumPy-bound iteration, ~20 µs each; SciPy's loop
+        costs ~1 µs. Its answer is accepted only where it meets the KKT conditions on ``Q`` itself
+        to the tolerance Lawson–Hanson stops at (always, in the benchmark's degenerate families, by
+        a factor of 100); otherwise Lawson–Hanson descends from it, so the result is this method's
+        exact optimum either way. None where SciPy hit its iteration limit."""
         try:
-            u = optimize.nnls(A, -(q @ pinv_t), maxiter=20 * q.shape[0])[0]
-        except RuntimeError:  # SciPy's iteration limit: start from zero as before
+            u = optimize.nnls(self.root(), b, maxiter=20 * self.Q.shape[0])[0]
+        except RuntimeError:
             return None
         # A zero column (a zero gradient) leaves its coordinate free in SciPy's problem, and it
         # may come back huge; its optimum is 0 (its linear term is ≥ 0, or nothing is bounded).
@@ -221,13 +292,19 @@ class LawsonHanson:
             # (e.g. affinely dependent gradients), where the least-norm solution of lstsq is the
             # one the method needs.
             factor, x, info = lapack.dposv(A, b)
-            singular = info != 0 or factor.diagonal().min() ** 2 <= 1e3 * idx.size * _EPS
+            singular = _singular(factor, info)
             if singular and strict:
                 raise np.linalg.LinAlgError("singular passive block")
             if singular:
                 x = np.linalg.lstsq(A, b, rcond=None)[0]
             z[idx] = self.d[idx] * x
         return z
+
+
+def _singular(factor: np.ndarray, info: int) -> bool:
+    """Whether LAPACK's Cholesky of a unit-diagonal matrix failed or met a pivot below ``k·eps``
+    of the diagonal (``k`` its order): singular to working precision."""
+    return info != 0 or factor.diagonal().min() ** 2 <= 1e3 * factor.shape[0] * _EPS
 
 
 def _decreases(Q: np.ndarray, q: np.ndarray, old: np.ndarray, new: np.ndarray, neg_grad: np.ndarray, tol: float) -> bool:
@@ -268,11 +345,19 @@ def min_norm_weights(gram: np.ndarray, start: np.ndarray | None = None) -> np.nd
         return _min_norm_two(G)
     # Without a guess, start from every task: where the min-norm point is interior (the usual case
     # for T ≪ the gradients' dimension) that is the answer in one solve.
-    u = LawsonHanson(G + 1.0, compiled_guess=True).solve(-np.ones(T), start=np.ones(T, dtype=bool) if start is None else start)
+    # In least-squares form the reduction is min_{u ≥ 0} ‖[R; 1ᵀ]u − e_last‖² for a root RᵀR = G.
+    nnls = LawsonHanson(G + 1.0, root=lambda: np.vstack([psd_root(G), np.ones(T)]))
+    u = nnls.solve(-np.ones(T), start=np.ones(T, dtype=bool) if start is None else start, rhs=_last_unit_vector)
     total = u.sum()
     if total <= 0:
         raise RuntimeError("min-norm NNLS returned the zero vector; the Gram matrix is not PSD")
     return u / total
+
+
+def _last_unit_vector(R: np.ndarray) -> np.ndarray:
+    e = np.zeros(R.shape[0])
+    e[-1] = 1.0
+    return e
 
 
 def _min_norm_two(G: np.ndarray) -> np.ndarray:

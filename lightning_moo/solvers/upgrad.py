@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .base import MOOSolver
-from .qp import LawsonHanson, scale_of
+from .qp import LawsonHanson, psd_root, scale_of
 
 
 def project_onto_dual_cone(G: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -24,14 +24,18 @@ def project_rows_onto_dual_cone(G: np.ndarray, U: np.ndarray) -> np.ndarray:
 
     Each NNLS starts from the constraints its vector violates, ``{t : (Gu)_t < 0}``: projecting
     ``Jᵀu`` makes exactly those active when the violated gradients are not too correlated, so the
-    usual solve is one linear system and the optimality check. On singular or ill-conditioned
-    Grams (more tasks than the gradients' rank, or nearly so) that guess fails and each projection
-    starts from SciPy's compiled NNLS instead (see :class:`~lightning_moo.solvers.qp.LawsonHanson`):
-    20–40 NumPy-bound active-set steps per projection become one compiled call and a KKT check.
+    usual solve is one linear system and the optimality check. On Grams singular to working
+    precision (more tasks than the gradients' rank, or nearly so) that guess fails and every
+    projection starts from SciPy's compiled NNLS instead, the guesses checked together (see
+    :meth:`~lightning_moo.solvers.qp.LawsonHanson.solve_rows`): 20–40 NumPy-bound active-set steps
+    per projection become one compiled call. A vector already in the cone (``Gu ≥ 0``) is its own
+    projection, without a solve.
     """
     G = G / scale_of(G)
-    nnls = LawsonHanson(G, compiled_guess=True)
-    return U + np.stack([nnls.solve(q, start=q < 0) for q in U @ G])
+    nnls = LawsonHanson(G, root=lambda: psd_root(G))
+    # The linear terms q = Gu are −Rᵀb for b = −Ru: the least-squares form, without a solve.
+    linear = U @ G
+    return U + nnls.solve_rows(linear, linear < 0, rhs=lambda R: -(U @ R.T))
 
 
 class UPGrad(MOOSolver):
