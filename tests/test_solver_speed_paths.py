@@ -201,7 +201,7 @@ def test_cagrad_matches_the_brent_reference(family, T, seed, c):
     assert float(delta @ G @ delta) <= 1e-12 * np.max(np.diag(G))
 
 
-@pytest.mark.parametrize("family, T, seed", CASES + [("pinned", 5, 0)])
+@pytest.mark.parametrize("family, T, seed", CASES + [("pinned", 5, 0)] + [(f, T, 0) for f in FAMILIES for T in (16, 32)])
 def test_upgrad_matches_scipy_projections(family, T, seed):
     # pinned: zero gradients, whose weight SciPy's NNLS on the Gram's square root leaves free (it
     # once came back as 1.6e15 and widened the optimality check until a conflicting answer passed).

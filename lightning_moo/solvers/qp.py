@@ -85,10 +85,11 @@ class LawsonHanson:
 
     def __init__(self, Q: np.ndarray, root: Callable[[], np.ndarray] | None = None) -> None:
         """``root``: a function returning a matrix ``R`` with ``RᵀR = Q`` (e.g. by :func:`psd_root`),
-        called once, where first needed. With it, where block principal pivoting fails or is
-        bound to (``Q`` singular to working precision), problems start from SciPy's compiled NNLS
-        on ``R`` (see :meth:`_compiled_guess`) instead of from zero. On singular ``Q`` the optimum's weights are not unique and SciPy's can be larger than
-        Lawson–Hanson's (which adds coordinates only as needed): for callers that use the
+        called once, where first needed. With it (and more than two coordinates), where block
+        principal pivoting fails or is bound to (``Q`` singular to working precision), problems
+        start from SciPy's compiled NNLS on ``R`` (see :meth:`_compiled_guess`) instead of from
+        zero. On singular ``Q`` the optimum's weights are not unique and SciPy's can be larger
+        than Lawson–Hanson's (which adds coordinates only as needed): for callers that use the
         direction, not the weights' size."""
         self.Q = Q
         self._make_root, self._root = root, None
@@ -101,7 +102,7 @@ class LawsonHanson:
         self.Qs = Q * self.d[:, None] * self.d[None, :]
         # Block pivoting fails (meets singular blocks, or cycles) where Q is singular to working
         # precision: with a root to start from instead, it is not tried there.
-        self._pivoting_failed = root is not None and _singular(*lapack.dpotrf(self.Qs))
+        self._pivoting_failed = self._compiles and _singular(*lapack.dpotrf(self.Qs))
 
     def solve(self, q: np.ndarray, max_iter: int | None = None, start: np.ndarray | None = None,
               rhs: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
@@ -111,7 +112,7 @@ class LawsonHanson:
         Q, n = self.Q, q.shape[0]
         q_abs = float(np.abs(q).max(initial=0.0))
         u = np.zeros(n)
-        if not (-q).max(initial=0.0) > 10 * n * _EPS * q_abs:
+        if not -q.min(initial=0.0) > 10 * n * _EPS * q_abs:
             return u  # zero is optimal, as the loop below would find at once
         passive = np.zeros(n, dtype=bool)
         # Block principal pivoting fails on singular or ill-conditioned blocks, a property of Q:
@@ -143,8 +144,16 @@ class LawsonHanson:
 
         # Rows whose optimum is zero (no entry of −q beyond rounding) need no solve.
         tol = 10 * qs.shape[1] * _EPS * np.abs(qs).max(axis=1, initial=0.0)
+        todo = (-qs.min(axis=1, initial=0.0) > tol).nonzero()[0]
+        if not self._pivoting_failed and todo.size > 2:
+            # Where each row's guessed support is its optimal one (the usual case on a regular
+            # Gram), one batched solve settles every row; the others go on one by one. (For one
+            # or two rows the batch's set-up costs more than it saves.)
+            Z, done = self._pivot_rows(qs[todo], starts[todo])
+            out[todo[done]] = Z[done]
+            todo = todo[~done]
         guessed = []
-        for i in ((-qs).max(axis=1, initial=0.0) > tol).nonzero()[0]:
+        for i in todo:
             if not (self._pivoting_failed and self._compiles):
                 out[i] = self.solve(qs[i], start=starts[i], rhs=lambda R, i=i: row_rhs(R, i))
             elif (guess := self._compiled_guess(row_rhs(self.root(), i))) is None:
@@ -152,10 +161,46 @@ class LawsonHanson:
             else:
                 out[i] = guess
                 guessed.append(i)
-        guessed = np.array(guessed, dtype=int)
+        if not guessed:
+            return out
+        guessed = np.array(guessed)
         for i in guessed[~self._optimal(qs[guessed], out[guessed])]:
             out[i] = self._from_guess(qs[i], out[i])
         return out
+
+    def _pivot_rows(self, qs: np.ndarray, starts: np.ndarray, rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """Block pivoting's first ``rounds`` swaps for every row at once (one batched
+        factorisation of the Jacobi-scaled passive blocks, padded with the identity, per round).
+        Returns the solutions and which rows they are the optimum of, by the tests :meth:`solve`
+        applies to block pivoting's result (strict pivots, the KKT conditions, a decrease from
+        zero beyond rounding); the other rows are left to :meth:`solve`."""
+        k, n = qs.shape
+        passive, Z = starts.copy(), np.zeros_like(qs)
+        done = np.zeros(k, dtype=bool)
+        abs_q = np.abs(qs)
+        for _ in range(rounds):
+            rows = (~done).nonzero()[0]
+            P, q = passive[rows], qs[rows]
+            A = np.where(P[:, :, None] & P[:, None, :], self.Qs, np.eye(n))
+            try:
+                pivots = np.linalg.cholesky(A).diagonal(axis1=1, axis2=2)
+            except np.linalg.LinAlgError:  # a block is not positive definite: the rest one by one
+                break
+            regular = (pivots**2).min(axis=1) > 1e3 * P.sum(axis=1) * _EPS
+            z = self.d * np.linalg.solve(A, np.where(P, -q * self.d, 0.0)[..., None])[..., 0]
+            neg_grad = -(z @ self.Q + q)
+            tol = (10 * n * _EPS * (abs_q[rows].max(axis=1) + self.Q_abs * np.abs(z).sum(axis=1)))[:, None]
+            wrong = np.where(P, z < 0, neg_grad > tol)
+            # _decreases from u = 0: the change of the objective against its rounding bound.
+            linear, quadratic = (z * q).sum(axis=1), 0.5 * ((z @ self.Q) * z).sum(axis=1)
+            margin = 4 * _EPS * (np.abs(linear) + np.abs(quadratic))
+            decreases = linear + quadratic < -((np.abs(z) * (10 * n * _EPS * abs_q[rows])).sum(axis=1) + margin)
+            ok = regular & ~wrong.any(axis=1) & (np.where(P, np.abs(neg_grad), 0.0) <= tol).all(axis=1) & decreases
+            Z[rows[ok]], done[rows[ok]] = z[ok], True
+            if done.all():
+                break
+            passive[rows] ^= wrong  # swap every coordinate that breaks optimality
+        return Z, done
 
     @property
     def _compiles(self) -> bool:
