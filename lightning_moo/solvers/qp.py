@@ -132,9 +132,10 @@ class LawsonHanson:
         return self._lawson_hanson(q, u, passive, max_iter)
 
     def solve_rows(self, qs: np.ndarray, starts: np.ndarray, rhs: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """:meth:`solve` for every row of ``qs``, with ``starts[i]`` and row ``i`` of ``rhs(R)``.
-        Once block pivoting is off for this ``Q``, the remaining rows' compiled guesses are
-        tested together: one vectorised KKT test instead of a few NumPy calls per row."""
+        """:meth:`solve` for every row of ``qs``, with ``starts[i]`` and row ``i`` of ``rhs(R)``,
+        sharing the NumPy calls across rows: rows whose optimum is zero are skipped, block
+        pivoting's first swaps run for all rows at once (:meth:`_pivot_rows`), and once pivoting
+        is off for this ``Q`` the remaining rows' compiled guesses are KKT-tested together."""
         out, B = np.zeros_like(qs), None
 
         def row_rhs(R: np.ndarray, i: int) -> np.ndarray:
@@ -146,9 +147,9 @@ class LawsonHanson:
         tol = 10 * qs.shape[1] * _EPS * np.abs(qs).max(axis=1, initial=0.0)
         todo = (-qs.min(axis=1, initial=0.0) > tol).nonzero()[0]
         if not self._pivoting_failed and todo.size > 2:
-            # Where each row's guessed support is its optimal one (the usual case on a regular
-            # Gram), one batched solve settles every row; the others go on one by one. (For one
-            # or two rows the batch's set-up costs more than it saves.)
+            # On a regular Gram a few batched swaps settle most rows (every row of the
+            # benchmark's hard-conflict family); the others go on one by one. (For one or two
+            # rows the batch's set-up costs more than it saves.)
             Z, done = self._pivot_rows(qs[todo], starts[todo])
             out[todo[done]] = Z[done]
             todo = todo[~done]
