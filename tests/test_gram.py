@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -35,6 +37,20 @@ def test_combine_writes_in_place():
     out = torch.empty(10)
     assert kernels.combine(torch.tensor([1.0, 1.0]), g, out=out) is out
     torch.testing.assert_close(out, g.sum(0))
+
+
+@pytest.mark.parametrize("T", [2, 4])
+def test_combine_into_a_slice_is_the_exact_mean_and_leaves_the_rest(T):
+    """The exchanges combine into a slice of a larger buffer: only the slice changes, with no
+    warning about resizing it, and uniform weights 1/T (powers of two) give the bits of
+    ``sum / T``, the average stock data parallelism takes."""
+    g = torch.randn(T, 1000, generator=torch.Generator().manual_seed(T))
+    big = torch.full((3000,), 7.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.combine(torch.full((T,), 1 / T, dtype=torch.float64), g, out=big[1000:2000])
+    assert torch.equal(big[1000:2000], g.sum(0) / T)
+    assert (big[:1000] == 7.0).all() and (big[2000:] == 7.0).all()
 
 
 def test_shape_errors():
