@@ -9,7 +9,8 @@ configuration runs in fresh processes.
 Bytes sent are counted by wrapping torch.distributed's collectives and charging each call what a
 bandwidth-optimal algorithm must send from one rank (n = bytes of the tensor, N = ranks):
 all_reduce 2n(N-1)/N, reduce and reduce_scatter n(N-1)/N, broadcast n(N-1)/N, all_gather of an
-n-byte input n(N-1), all_to_all the input minus the part kept locally.
+n-byte input n(N-1), all_to_all the input minus the part kept locally, a batch of point-to-point
+operations what its sends carry.
 
     python benchmarks/overhead.py --ranks 2 4 --out benchmarks/results/overhead.md
 """
@@ -80,6 +81,8 @@ class ByteCounter:
             "reduce_scatter_single": lambda a, k: size(arg(a, k, 1, "input")) * (n() - 1) / n(),
             "all_gather_single": lambda a, k: size(arg(a, k, 1, "input_tensor")) * (n() - 1),
             "all_to_all_single": lambda a, k: _all_to_all_cost(arg(a, k, 1, "input"), a[3] if len(a) > 3 else k.get("input_split_sizes"), dist.get_rank(), n()),
+            # The DDP hook's gather of the combined slices: what the batch's sends carry.
+            "batch_isend_irecv": lambda a, k: sum(size(op.tensor) for op in arg(a, k, 0, "p2p_op_list") if op.op is dist.isend),
         }
         for name, cost in costs.items():
             setattr(dist, name, self._wrap(getattr(dist, name), cost))

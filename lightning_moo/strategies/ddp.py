@@ -119,12 +119,24 @@ def _moo_comm_hook(state: DDPBucketHook, bucket: dist.GradBucket) -> torch.futur
 
 
 def _gather_slices(tensor: Tensor, slices: list[Segment], group) -> None:
-    """Every rank's slice of ``tensor`` (rank r holds slice r) lands on every rank: one in-place
-    broadcast per slice. The same bytes as an all-gather, but no padding of the uneven slices to one
-    length and no copies in and out: on gloo 2-4× faster than ``all_gather_into_tensor``."""
-    for r, s in enumerate(slices):
-        if s.length:  # gloo refuses empty tensors; a bucket smaller than the world leaves some slices empty
-            dist.broadcast(tensor[s.start : s.start + s.length], group_src=r, group=group)
+    """Every rank's slice of ``tensor`` (rank r holds slice r) lands on every rank, in place: this
+    rank sends its slice to every other rank and receives theirs into their slices, all in one
+    batch of point-to-point operations. The same bytes as an all-gather, but no padding of the
+    uneven slices to one length and no copies in and out (on gloo 2-4× faster than
+    ``all_gather_into_tensor``), and the transfers run concurrently where a broadcast per slice
+    runs them one after another (at 4 ranks on gloo ~6 ms against ~8-10 ms for 2M elements)."""
+    rank, world = dist.get_rank(group), len(slices)
+    ops = []
+    # Rank r sends to r + k while receiving from r - k: each pair's send meets its receive.
+    for k in range(1, world):
+        to, source = (rank + k) % world, (rank - k) % world
+        for peer, op in ((to, dist.isend), (source, dist.irecv)):
+            s = slices[rank if op is dist.isend else peer]
+            if s.length:  # a bucket smaller than the world leaves some slices empty: nothing to move
+                ops.append(dist.P2POp(op, tensor[s.start : s.start + s.length], group=group, group_peer=peer))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicCheckpoints, DDPStrategy):
