@@ -19,9 +19,8 @@ passive block, with least squares where that block is singular to working precis
 pivoting fails or is bound to (a Gram singular to working precision: more tasks than the
 gradients' rank, or singular values down to 1e-8) MGDA and UPGrad/DualProj start instead from
 SciPy's compiled NNLS on the least-squares form of their problem, with a pivoted-Cholesky root of
-the Gram (:func:`psd_root`), taken only where it passes the KKT test on the Gram itself (else,
-for several problems at once, re-solved together on SciPy's support and tested again, and
-otherwise Lawson–Hanson descends from it). The tests
+the Gram (:func:`psd_root`), taken only where it passes the KKT test on the Gram itself (else
+Lawson–Hanson descends from it). The tests
 hold MGDA's KKT conditions to 1e-6 of the largest squared gradient norm and its objective to brute force over supports; on random Grams
 the KKT residual is ~1e-12, and up to ~1e-7 where gradients agree to 1e-7 in direction or span
 twelve orders of magnitude in norm (the Gram then holds no more digits).
@@ -137,8 +136,7 @@ class LawsonHanson:
         """:meth:`solve` for every row of ``qs``, with ``starts[i]`` and row ``i`` of ``rhs(R)``,
         sharing the NumPy calls across rows: rows whose optimum is zero are skipped, block
         pivoting's first swaps run for all rows at once (:meth:`_pivot_rows`), and once pivoting
-        is off for this ``Q`` the remaining rows' compiled guesses are KKT-tested together, and
-        those that fail re-solved together on their support (:meth:`_polish_rows`)."""
+        is off for this ``Q`` the remaining rows' compiled guesses are KKT-tested together."""
         out, B = np.zeros_like(qs), None
 
         def row_rhs(R: np.ndarray, i: int) -> np.ndarray:
@@ -168,31 +166,9 @@ class LawsonHanson:
         if not guessed:
             return out
         guessed = np.array(guessed)
-        failed = guessed[~self._optimal(qs[guessed], out[guessed])]
-        if failed.size > 1:
-            # SciPy's support is almost always right where its answer fails the test: its values
-            # are a few digits short (rounding in the least-squares form). One batched solve on
-            # that support, in Gram form, gives the digits; a row is accepted only if it stays
-            # positive there and passes the same test.
-            Z, ok = self._polish_rows(qs[failed], out[failed] > 0)
-            out[failed[ok]] = Z[ok]
-            failed = failed[~ok]
-        for i in failed:
+        for i in guessed[~self._optimal(qs[guessed], out[guessed])]:
             out[i] = self._from_guess(qs[i], out[i])
         return out
-
-    def _polish_rows(self, qs: np.ndarray, supports: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For every row, the minimiser on its ``supports`` row (others zero), by one batched LU
-        solve of the Jacobi-scaled passive blocks padded with the identity, and whether it is the
-        optimum: positive on the support, zero elsewhere, and :meth:`_optimal`."""
-        n = qs.shape[1]
-        A = np.where(supports[:, :, None] & supports[:, None, :], self.Qs, np.eye(n))
-        try:
-            Z = self.d * np.linalg.solve(A, np.where(supports, -qs * self.d, 0.0)[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # a block singular to LU: leave every row to Lawson–Hanson
-            return np.zeros_like(qs), np.zeros(qs.shape[0], dtype=bool)
-        ok = np.where(supports, Z > 0, True).all(axis=1) & self._optimal(qs, Z)
-        return Z, ok
 
     def _pivot_rows(self, qs: np.ndarray, starts: np.ndarray, rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
         """Block pivoting's first ``rounds`` swaps for every row at once (one batched
