@@ -124,16 +124,18 @@ def _gather_slices(tensor: Tensor, slices: list[Segment], group) -> None:
     batch of point-to-point operations. The same bytes as an all-gather, but no padding of the
     uneven slices to one length and no copies in and out (on gloo 2-4× faster than
     ``all_gather_into_tensor``), and the transfers run concurrently where a broadcast per slice
-    runs them one after another (at 4 ranks on gloo ~6 ms against ~8-10 ms for 2M elements)."""
+    runs them one after another."""
     rank, world = dist.get_rank(group), len(slices)
+    mine = slices[rank]
     ops = []
-    # Rank r sends to r + k while receiving from r - k: each pair's send meets its receive.
+    # Rank r sends to r + k while receiving from r - k: each pair's send meets its receive. A bucket
+    # smaller than the world leaves some slices empty: nothing to move, on either side alike.
     for k in range(1, world):
         to, source = (rank + k) % world, (rank - k) % world
-        for peer, op in ((to, dist.isend), (source, dist.irecv)):
-            s = slices[rank if op is dist.isend else peer]
-            if s.length:  # a bucket smaller than the world leaves some slices empty: nothing to move
-                ops.append(dist.P2POp(op, tensor[s.start : s.start + s.length], group=group, group_peer=peer))
+        if mine.length:
+            ops.append(dist.P2POp(dist.isend, tensor[mine.start : mine.start + mine.length], group=group, group_peer=to))
+        if (theirs := slices[source]).length:
+            ops.append(dist.P2POp(dist.irecv, tensor[theirs.start : theirs.start + theirs.length], group=group, group_peer=source))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
