@@ -1,7 +1,7 @@
-"""Does bucket-level MOO stall the GPU? One prepared run on one GPU (about 7 minutes on an H200).
+"""Does bucket-level MOO stall the GPU? One prepared run on one GPU (estimated at a few minutes on an H200; never yet run on one).
 
     python benchmarks/gpu_no_stall.py --out benchmarks/results/gpu_no_stall.md
-    python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # CPU, a tiny model, ~1 minute
+    python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # a tiny model (CPU: ~1 minute)
 
 A randomly initialised Llama of ~1B parameters (bf16, 20 layers, hidden 2048) trains with DeepSpeed
 ZeRO-2 (overlap_comm, 5e7-element buckets, the default) at world size 1, four languages on the one
@@ -15,24 +15,31 @@ Configurations, each in a fresh Trainer of the same process:
 - ``MGDA on host``: the exact active-set solver on a float64 host copy of the Gram (``on_device=False``);
 - ``CAGrad on device`` / ``CAGrad on host``: the same for CAGrad (c = 0.4).
 
-It reports (a) synchronisations inside the bucket reductions: on one untimed step,
-``torch.cuda.set_sync_debug_mode("warn")`` is on while DeepSpeed's ``average_tensor`` (our hook, or
-stock's own) runs, and every warning is counted; (b) the median step time over the timed steps, as
+It reports (a) synchronisations: ``torch.cuda.set_sync_debug_mode("warn")`` is on while DeepSpeed's
+``average_tensor`` (our hook, or stock's own) runs in one untimed step and, in the next, while each
+backward runs (the stashed languages' too); every warning is counted, and where in the
+Python code each came from is listed; (b) the median step time over the timed steps, as
 ratios against ``stock`` and ``Mean`` measured in the same invocation, and the peak memory; (c) a
 ``torch.profiler`` summary of two steps per configuration: device time, host time, and the host
-time spent in synchronising calls. Under ``--smoke`` (CPU) (a) and the device columns are "n/a".
-The last line of the table compares MGDA's final parameters on device and on host.
+time spent in synchronising calls. On CPU (a) and the device columns are "n/a".
+The last lines compare each solver's final parameters on device and on host. A configuration that
+fails is reported with its error and the rest still run; the report is rewritten after every
+configuration, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
 import os
 import statistics
 import sys
 import time
+import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -46,25 +53,57 @@ from lightning_moo.strategies import BucketMOOStrategy, StockDeepSpeedStrategy
 
 FULL = dict(model=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
-            batch=4, seq=512, warmup=3, timed=10, bucket=50_000_000, precision="bf16-mixed")
+            batch=4, seq=512, warmup=3, timed=10, bucket=50_000_000)
 SMOKE = dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64),
-             batch=2, seq=32, warmup=1, timed=2, bucket=4000, precision="32-true")
+             batch=2, seq=32, warmup=3, timed=2, bucket=4000)
 LANGUAGES = 4
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense")
 
 
+class SyncWatch:
+    """Counts CUDA synchronisation warnings (``set_sync_debug_mode("warn")``) while it watches, by
+    where in the Python code each came from. On CPU it only counts how often it watched."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.calls, self.where = cuda, 0, Counter()
+
+    @contextlib.contextmanager
+    def watching(self):
+        self.calls += 1
+        if not self.cuda:
+            yield
+            return
+        # Module-wide, so warnings raised on autograd's device thread are caught too.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                for w in caught:
+                    if "synchroniz" in str(w.message).lower():
+                        self.where[f"{Path(w.filename).name}:{w.lineno} {str(w.message)[:70]}"] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.where.values())
+
+
 class RandomLlama(pl.LightningModule):
     """Four languages on one rank: a random batch each, the first three stashed (MOO) or all four in
-    one mean loss (stock)."""
+    one mean loss (stock). ``self.watch`` wraps each backward (by default it does nothing)."""
 
-    def __init__(self, model: dict, batch: int, seq: int, stock: bool) -> None:
+    def __init__(self, model: dict, batch: int, seq: int, stock: bool, device: str) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.model = LlamaForCausalLM(LlamaConfig(**model))
+        with torch.device(device):  # a 1B model initialises in seconds on the GPU, in a minute on the CPU
+            self.model = LlamaForCausalLM(LlamaConfig(**model))
         self.batch, self.seq, self.stock = batch, seq, stock
         self.vocab = model["vocab_size"]
         self.automatic_optimization = False
+        self.watch = contextlib.nullcontext
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=1e-5)
@@ -78,22 +117,28 @@ class RandomLlama(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         if self.stock:
-            self.manual_backward(torch.stack([self._loss(t) for t in range(LANGUAGES)]).mean())
+            loss = torch.stack([self._loss(t) for t in range(LANGUAGES)]).mean()
         else:
             for t in range(LANGUAGES - 1):
-                self.trainer.strategy.stash_gradient(self._loss(t))
-            self.manual_backward(self._loss(LANGUAGES - 1))
+                loss = self._loss(t)
+                with self.watch():
+                    self.trainer.strategy.stash_gradient(loss)
+            loss = self._loss(LANGUAGES - 1)
+        with self.watch():
+            self.manual_backward(loss)
         optimizer.step()
 
 
 class Measure(Callback):
-    """Step times (device synchronised at the step's edges only), sync warnings inside the bucket
-    reductions of one untimed step, and a profile of two steps."""
+    """Step times (device synchronised at the step's edges only); sync warnings inside the bucket
+    reductions of step 1 and inside the backward passes of step 2 (both untimed: warm-up has at
+    least 3 steps); a profile of two steps after the timed ones."""
 
     def __init__(self, warmup: int, timed: int, cuda: bool) -> None:
+        assert warmup >= 3, "steps 1 and 2 are watched for synchronisations and must not be timed"
         self.warmup, self.timed, self.cuda = warmup, timed, cuda
         self.times: list[float] = []
-        self.sync_warnings = self.reductions = 0
+        self.in_reductions, self.in_backward = SyncWatch(cuda), SyncWatch(cuda)
         self.profile = None
         self._start = 0.0
 
@@ -103,8 +148,10 @@ class Measure(Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         step = batch_idx  # one optimizer step per batch
-        if step == 1 and self.cuda:
-            self._watch(trainer.strategy.deepspeed_engine.optimizer)
+        if step == 1:
+            self._watch_reductions(trainer.strategy.deepspeed_engine.optimizer)
+        if step == 2:
+            module.watch = self.in_backward.watching
         if step == self.warmup + self.timed:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
             self.profile = torch.profiler.profile(activities=activities)
@@ -119,29 +166,21 @@ class Measure(Callback):
         step = batch_idx
         if self.warmup <= step < self.warmup + self.timed:
             self.times.append(time.perf_counter() - self._start)
-        if step == 1 and self.cuda:
-            self._unwatch(trainer.strategy.deepspeed_engine.optimizer)
+        if step == 1:
+            trainer.strategy.deepspeed_engine.optimizer.average_tensor = self._unwatched  # stock's or our hook
+        if step == 2:
+            module.watch = contextlib.nullcontext
         if step == self.warmup + self.timed + 1 and self.profile is not None:
             self.profile.__exit__(None, None, None)
 
-    def _watch(self, optimizer) -> None:
-        original = optimizer.average_tensor
+    def _watch_reductions(self, optimizer) -> None:
+        original = self._unwatched = optimizer.average_tensor
 
         def watched(*args, **kwargs):
-            self.reductions += 1
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-                    self.sync_warnings += sum("synchroniz" in str(w.message).lower() for w in caught)
+            with self.in_reductions.watching():
+                return original(*args, **kwargs)
 
-        optimizer.average_tensor, self._original = watched, original
-
-    def _unwatch(self, optimizer) -> None:
-        optimizer.average_tensor = self._original
+        optimizer.average_tensor = watched
 
 
 def deepspeed_config(bucket: int) -> dict:
@@ -161,23 +200,19 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
     else:
         solver, on_device = solvers[name]
         strategy = BucketMOOStrategy(solver=solver, languages=LANGUAGES, on_device=on_device, config=config)
-    module = RandomLlama(settings["model"], settings["batch"], settings["seq"], stock)
+    module = RandomLlama(settings["model"], settings["batch"], settings["seq"], stock, "cuda" if cuda else "cpu")
     measure = Measure(settings["warmup"], settings["timed"], cuda)
     steps = settings["warmup"] + settings["timed"] + 2
     pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy, precision=settings["precision"],
                max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, use_distributed_sampler=False, callbacks=[measure]
                ).fit(module, DataLoader(range(steps), batch_size=None))
-    result = dict(name=name, step=statistics.median(measure.times), sync=measure.sync_warnings, reductions=measure.reductions,
-                  peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-                  buckets=len(getattr(strategy, "buckets", {}) or {}),
-                  params={n: p.detach().float().cpu() for n, p in module.model.named_parameters()},
-                  profile=summarize(measure.profile, cuda))
-    del module, strategy
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return result
+    return dict(name=name, step=statistics.median(measure.times), times=measure.times,
+                in_reductions=measure.in_reductions, in_backward=measure.in_backward,
+                peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+                buckets=len(getattr(strategy, "buckets", {}) or {}),
+                params={n: p.detach().float().cpu() for n, p in module.model.named_parameters()},
+                profile=summarize(measure.profile, cuda))
 
 
 def summarize(profile, cuda: bool) -> dict:
@@ -190,8 +225,10 @@ def summarize(profile, cuda: bool) -> dict:
 
 
 def report(results: list[dict], settings: dict, device: str, command: str) -> str:
-    stock, mean = results[0]["step"], results[1]["step"]
-    numel = sum(p.numel() for p in results[0]["params"].values())
+    """The markdown report of the configurations run so far (a failed one shows its error)."""
+    done = {r["name"]: r for r in results if "error" not in r}
+    stock, mean = (done[n]["step"] if n in done else float("nan") for n in ("stock", "Mean"))
+    numel = next((sum(p.numel() for p in r["params"].values()) for r in done.values()), float("nan"))
     lines = [
         "# Bucket-level MOO on one GPU: synchronisation inside the reductions, step time, profile", "",
         f"Command: `{command}`", "",
@@ -199,52 +236,83 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
         f"{LANGUAGES} languages on one rank, batch {settings['batch']} × {settings['seq']} tokens each, "
         f"{settings['precision']}, ZeRO-2 with overlap_comm, reduce_bucket_size {settings['bucket']:,}; "
         f"median of {settings['timed']} steps after {settings['warmup']} warm-up.", "",
-        "| configuration | buckets | sync warnings in reductions (calls) | step (s) | × stock | × Mean | peak GiB |"
-        " profile: host ms | device ms | host ms in sync calls |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | buckets | sync warnings in reductions (calls) | sync warnings in backward passes (calls) |"
+        " step (s) | × stock | × Mean | peak GiB | profile: host ms | device ms | host ms in sync calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        sync = f"{r['sync']} ({r['reductions']})" if r["reductions"] else "n/a"
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |")
+            continue
+        watched = [f"{w.count if w.cuda else 'n/a'} ({w.calls})" for w in (r["in_reductions"], r["in_backward"])]
         p = r["profile"]
         peak, device_ms = ("n/a", "n/a") if r["peak"] != r["peak"] else (f"{r['peak']:.1f}", f"{p['device']:.0f}")
-        lines.append(f"| {r['name']} | {r['buckets'] or '-'} | {sync} | {r['step']:.3f} | {r['step'] / stock:.2f} | "
-                     f"{r['step'] / mean:.2f} | {peak} | {p['host']:.0f} | {device_ms} | {p['syncing']:.1f} |")
-    by_name = {r["name"]: r for r in results}
+        lines.append(f"| {r['name']} | {r['buckets'] or '-'} | {watched[0]} | {watched[1]} | {r['step']:.3f} | "
+                     f"{r['step'] / stock:.2f} | {r['step'] / mean:.2f} | {peak} | {p['host']:.0f} | {device_ms} | "
+                     f"{p['syncing']:.1f} |")
     lines.append("")
     for solver in ("MGDA", "CAGrad"):
-        device_params, host_params = by_name[f"{solver} on device"]["params"], by_name[f"{solver} on host"]["params"]
+        pair = [done.get(f"{solver} on {where}") for where in ("device", "host")]
+        if None in pair:
+            continue
+        device_params, host_params = pair[0]["params"], pair[1]["params"]
         diff = max(float(((device_params[n] - host_params[n]).abs() / host_params[n].abs().max().clamp_min(1e-12)).max())
                    for n in host_params)
         lines.append(f"{solver} on device vs on host after {settings['warmup'] + settings['timed'] + 2} steps: "
                      f"max relative |Δθ| = {diff:.2e}")
+    lines += ["", "Where the synchronisation warnings came from (file:line, message: count):", ""]
+    for r in done.values():
+        for label, watch in (("reductions", r["in_reductions"]), ("backward", r["in_backward"])):
+            if watch.where:
+                lines.append(f"- {r['name']}, {label}: " + "; ".join(f"`{k}`: {v}" for k, v in watch.where.most_common(6)))
+    lines += ["", "Step times (s), in order:", ""]
+    lines += [f"- {r['name']}: " + ", ".join(f"{t:.3f}" for t in r["times"]) for r in done.values()]
     lines += ["", "Top host operators over the two profiled steps (self ms):", ""]
-    lines += [f"- {r['name']}: {r['profile']['top']}" for r in results]
+    lines += [f"- {r['name']}: {r['profile']['top']}" for r in done.values()]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="CPU, a tiny model, a few steps: checks the script runs")
-    parser.add_argument("--out", type=Path, help="write the markdown report here")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps: checks the script runs")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
+    parser.add_argument("--out", type=Path, help="write the markdown report here (after every configuration)")
     args = parser.parse_args(argv)
-    cuda = not args.smoke
-    if cuda and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --smoke for the CPU check")
-    settings = SMOKE if args.smoke else FULL
+    cuda = torch.cuda.is_available() and not args.cpu
+    if not cuda and not args.smoke:
+        sys.exit("no CUDA device: the full run is for a GPU; --smoke checks the script on the CPU")
+    settings = dict(SMOKE if args.smoke else FULL)
+    settings["precision"] = "bf16-mixed" if cuda else "32-true"
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29543", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
         os.environ.setdefault(key, value)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    command = "python benchmarks/gpu_no_stall.py " + " ".join(argv if argv is not None else sys.argv[1:])
     names = ["stock", "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
     results = []
     for i, name in enumerate(names):
+        started = time.perf_counter()
         print(f"[{i + 1}/{len(names)}] {name} ...", flush=True)
-        results.append(train(name, settings, cuda))
-    command = "python benchmarks/gpu_no_stall.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, settings, device, command.strip())
+        try:
+            results.append(train(name, settings, cuda))
+        except Exception as error:  # reported in its row; the other configurations still run
+            traceback.print_exc()
+            results.append(dict(name=name, error=f"{type(error).__name__}: {str(error)[:300]}".replace("|", "/").replace("\n", " ")))
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+        r = results[-1]
+        print(json.dumps(dict(name=name, seconds=round(time.perf_counter() - started, 1), memory_left_gib=round(left, 2),
+                              **({"error": r["error"]} if "error" in r else
+                                 dict(step=r["step"], sync_reductions=r["in_reductions"].count,
+                                      sync_backward=r["in_backward"].count, peak_gib=r["peak"])))), flush=True)
+        text = report(results, settings, device, command.strip())
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if any("error" in r for r in results):
+        sys.exit("some configurations failed: see their rows")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,15 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     solvers = ["MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
     assert {"stock", "Mean", *solvers} <= set(rows)
     for name in ["Mean", *solvers]:
-        assert int(rows[name][2]) > 1, f"{name}: the model was not split into several buckets"
-        assert float(rows[name][4]) > 0  # a step time was measured
+        buckets = int(rows[name][2])
+        assert buckets > 1, f"{name}: the model was not split into several buckets"
+        assert float(rows[name][5]) > 0  # a step time was measured
+        # The synchronisation watches were wired in: every bucket's reduction of one step, and the
+        # four backward passes (three stashed languages, one into the buckets) of another.
+        watched = rows[name][3].strip()
+        assert watched.startswith("n/a (") and int(watched[5:-1]) >= buckets, watched
+        assert rows[name][4].strip() == "n/a (4)"
+    assert rows["stock"][4].strip() == "n/a (1)"
     # The device path trains what the host path trains (to rounding), for both solvers.
     diffs = [float(part.split()[0]) for part in out.read_text().split("max relative |Δθ| = ")[1:]]
     assert len(diffs) == 2 and max(diffs) < 1e-4
