@@ -1,18 +1,32 @@
-"""Start one worker process per rank on 127.0.0.1 (gloo) and collect their results."""
+"""Start one worker process per rank on 127.0.0.1 (gloo) and collect their results.
+
+The ranks are forked from a server process that has already imported torch, Lightning, DeepSpeed
+and transformers (``multiprocessing``'s forkserver, started once per test session): a fresh
+interpreter spends ~7 s of CPU importing them, per rank and per test. The server never computes,
+so forking it is safe, and each rank then runs its worker script as ``__main__``, as
+``python WORKER SCENARIO`` would, with its own environment and log.
+"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
 import socket
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 WORKER = Path(__file__).with_name("worker.py")
 REPO = Path(__file__).resolve().parents[2]
+# What the workers import; the server imports it once (a module missing here is skipped).
+PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "lightning.pytorch.loggers", "deepspeed", "transformers",
+           "peft", "lightning_moo.strategies", "lightning_moo.callbacks", "launch"]
+_context = None
 
 
 def free_port() -> int:
@@ -40,31 +54,62 @@ def run_ranks(runs: list[dict], out: Path, world_size: int = 2, timeout: float =
     }
 
 
+def _forkserver():
+    """The forkserver context, its server started with one OpenMP thread (the thread count is read
+    once, when torch loads) and this directory and the repository importable (as for a worker
+    script run by path)."""
+    global _context
+    if _context is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        saved = dict(os.environ)
+        os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")]))
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _context = context
+    return _context
+
+
+def _rank_main(worker: str, argv: list[str], env: dict[str, str], log: str) -> None:
+    """In the forked rank: this rank's environment and log, then the worker script as ``__main__``."""
+    os.environ.clear()
+    os.environ.update(env)
+    # Lightning read the rank from the environment when the server imported it (as rank 0).
+    from lightning.fabric.utilities.rank_zero import _get_rank, rank_zero_only
+
+    rank_zero_only.rank = _get_rank()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.path[:0] = [str(Path(worker).parent), str(REPO)]
+    sys.argv = [worker, *argv]
+    runpy.run_path(worker, run_name="__main__")
+
+
 def _start(scenario: Path, out: Path, world_size: int, timeout: float) -> tuple[list[int], str]:
     port = free_port()
+    context = _forkserver()
     procs = []
     for rank in range(world_size):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            NODE_RANK="0",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        )
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(scenario)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        # This process's environment (a test may have set variables for the workers), not the server's.
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world_size), NODE_RANK="0", OMP_NUM_THREADS="1")
+        proc = context.Process(target=_rank_main, args=(str(WORKER), [str(scenario)], env, str(out / f"rank{rank}.log")))
+        proc.start()
+        procs.append(proc)
+    deadline = time.monotonic() + timeout
     try:
-        for proc, _ in procs:
-            proc.wait(timeout=timeout)
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
     finally:
-        for proc, log in procs:
-            if proc.poll() is None:
+        for proc in procs:
+            if proc.is_alive():
                 proc.kill()
-                proc.wait()
-            log.close()
+                proc.join()
     logs = "\n".join(f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text()[-4000:] for r in range(world_size))
-    return [proc.returncode for proc, _ in procs], logs
+    return [proc.exitcode for proc in procs], logs
