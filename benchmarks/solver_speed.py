@@ -119,6 +119,10 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
     return header, rows
 
 
+TORCHJD_METHODS = ("MGDA", "CAGrad(c=0.5)", "UPGrad", "DualProj", "PCGrad", "IMTLG", "AlignedMTL", "NashMTL",
+                   "GradVac(beta=0.01)", "FairGrad(alpha=2)", "ConFIG")
+
+
 def torchjd_pairs(T: int) -> list[tuple[str, object, object]]:
     """(name, our solver, TorchJD's aggregator) for every method both have, same hyperparameters."""
     from torchjd import aggregation as tjd
@@ -140,14 +144,16 @@ def torchjd_pairs(T: int) -> list[tuple[str, object, object]]:
     ]
 
 
-def torchjd_table(family: str, tasks: list[int], repeats: int) -> tuple[list[str], list[list[str]]]:
-    """Per method and T: ``ours / TorchJD ms (ratio)``, medians over ``repeats`` Jacobians of the
-    faster of three calls, the two libraries called alternately."""
+def torchjd_table(family: str, tasks: list[int], repeats: int, methods: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Per method (all, or those named in ``methods``) and T: ``ours / TorchJD ms (ratio)``, medians
+    over ``repeats`` Jacobians of the faster of three calls, the two libraries called alternately."""
     header = ["method"] + [f"T={T}: ours / TorchJD ms (ratio)" for T in tasks]
     cells: dict[str, list[str]] = {}
     for T in tasks:
         Js = [jacobian(family, T, s) for s in range(repeats)]
         for name, solver, aggregator in torchjd_pairs(T):
+            if methods and name.split("(")[0] not in methods:
+                continue
             ours_t, theirs_t = [], []
             for step, J in enumerate(Js):
                 # The faster of three alternating calls per Jacobian: on shared cores a call is
@@ -192,8 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--vs-torchjd", action="store_true", help="compare with TorchJD instead (pip install -e .[bench])")
+    p.add_argument("--methods", nargs="+", help="with --vs-torchjd: only these methods (e.g. IMTLG DualProj)")
     p.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = p.parse_args(argv)
+    known = [name.split("(")[0] for name in TORCHJD_METHODS]
+    if args.methods and not set(args.methods) <= set(known):
+        p.error(f"unknown --methods {sorted(set(args.methods) - set(known))}; choose from {known}")
 
     console = Console()
     if args.threads:
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         for family in args.families:
             with console.status(f"timing ours and TorchJD on {family} Jacobians ..."):
                 tables.append((f"{family}: J @ J.T + solver + w @ J (ours) vs aggregator(J) (TorchJD), "
-                               f"T × {DIM} float64, median ms", torchjd_table(family, args.tasks, args.repeats)))
+                               f"T × {DIM} float64, median ms", torchjd_table(family, args.tasks, args.repeats, args.methods)))
     else:
         for family in args.families:
             with console.status(f"timing solver(gram) on {family} Grams ..."):

@@ -25,6 +25,13 @@ def test_solver_speed_times_every_registered_solver(tmp_path):
     assert {cls.__name__ for cls in BUILTIN} - {"Sum"} <= set(timed)  # Sum costs what Mean does
 
 
+def test_solver_speed_refuses_a_method_it_does_not_compare(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load("solver_speed").main(["--vs-torchjd", "--methods", "IMTLG", "IMTL"])
+    assert exit_.value.code == 2
+    assert "unknown --methods ['IMTL']" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_monitor_overhead_trains_the_demo_with_and_without_the_monitor(tmp_path):

@@ -32,19 +32,28 @@ class IMTLG(MOOSolver):
     stateful = False
 
     def weights(self, gram: Tensor) -> Tensor:
-        # NumPy rather than torch: at T ≤ a few dozen every torch op costs more than its arithmetic.
+        # NumPy rather than torch: at T ≤ a few dozen every torch op costs more than its arithmetic,
+        # and so does every NumPy call (~1-5 µs each): the usual case (no zero gradient, full rank)
+        # skips the sub-matrix and the eigenvalue cut.
         G = gram.numpy()
         G = G / G.diagonal().max()
         norms = np.sqrt(np.maximum(G.diagonal(), 0.0))
         live = norms > 0
-        w = np.zeros_like(norms)
-        sub, n = G[np.ix_(live, live)], norms[live]
+        every = live.all()
+        sub, n = (G, norms) if every else (G[np.ix_(live, live)], norms[live])
         # Pseudo-inverse from the eigendecomposition, eigenvalues within 1e-10 of the largest cut.
         lam, V = eigh(sub)
-        keep = np.abs(lam) > 1e-10 * np.abs(lam).max()
-        alpha = V[:, keep] @ ((V[:, keep].T @ n) / lam[keep])
-        consistent = np.linalg.norm(sub @ alpha - n) <= 1e-8 * np.linalg.norm(n)
+        keep = np.abs(lam) > 1e-10 * max(-lam[0], lam[-1])  # ascending: the largest |λ| is at an end
+        if not keep.all():
+            lam, V = lam[keep], V[:, keep]
+        alpha = V @ ((n @ V) / lam)
+        residual = sub @ alpha - n
+        consistent = residual @ residual <= 1e-16 * (n @ n)  # ‖Gα − n‖ ≤ 1e-8 ‖n‖
         total = alpha.sum()
-        if consistent and abs(total) > 1e-8 * np.abs(alpha).sum():
-            w[live] = alpha / total
+        if not (consistent and abs(total) > 1e-8 * np.abs(alpha).sum()):
+            return torch.zeros(len(norms), dtype=torch.float64)
+        if every:
+            return torch.from_numpy(alpha / total)
+        w = np.zeros_like(norms)
+        w[live] = alpha / total
         return torch.from_numpy(w)
