@@ -139,7 +139,7 @@ def score_choices(model: torch.nn.Module, examples: list[dict], batch_size: int 
     choice's continuation. Right padding leaves no query without a key to attend to; the padded cache
     entries are masked out of the continuations, whose positions continue each prompt's own length.
     """
-    from lightning_moo.module import _CACHE_ARGUMENT  # "cache" or "past_key_values", by transformers version
+    from lightning_moo.module import CACHE_ARGUMENT  # "cache" or "past_key_values", by transformers version
 
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -161,11 +161,11 @@ def score_choices(model: torch.nn.Module, examples: list[dict], batch_size: int 
         span = max(map(len, flat))
         tail = torch.tensor([t + [0] * (span - len(t)) for t in flat], device=device)
         tail_mask = torch.tensor([[1] * len(t) + [0] * (span - len(t)) for t in flat], device=device)
-        cache = getattr(out, _CACHE_ARGUMENT)
+        cache = getattr(out, CACHE_ARGUMENT)
         cache.batch_repeat_interleave(choices)
         positions = lengths.repeat_interleave(choices)[:, None] + torch.arange(span, device=device)
         hidden = decoder(input_ids=tail, attention_mask=torch.cat([mask.repeat_interleave(choices, 0), tail_mask], 1),
-                         position_ids=positions, **{_CACHE_ARGUMENT: cache}).last_hidden_state
+                         position_ids=positions, **{CACHE_ARGUMENT: cache}).last_hidden_state
         logp = torch.log_softmax(head(hidden[:, :-1]).float(), -1).gather(-1, tail[:, 1:, None]).squeeze(-1)
         nll = -(first.gather(1, tail[:, :1]).squeeze(1) + (logp * tail_mask[:, 1:]).sum(1))
         for i, row in zip(order[start:start + batch_size], nll.view(len(batch), choices).tolist()):

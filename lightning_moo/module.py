@@ -27,7 +27,7 @@ from .resume_checks import RUN, run_record
 
 SCHEDULES = ("cosine", "linear", "constant")
 # transformers renamed the forward argument past_key_values to cache (5.x warns about the old name).
-_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 STAGES = ("val", "test")
 
 
@@ -280,7 +280,7 @@ class MultilingualLM(LightningModule):
         head = self.model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
         cache = head.past_key_values
         cache.batch_repeat_interleave(ids.shape[0])
-        tail = self.model(input_ids=ids[:, prefix:], attention_mask=mask, **{_CACHE_ARGUMENT: cache}).logits
+        tail = self.model(input_ids=ids[:, prefix:], attention_mask=mask, **{CACHE_ARGUMENT: cache}).logits
         # Position prefix - 1 (the prompt's last) predicts token prefix, as in token_nll.
         logits = torch.cat([head.logits[:, -1:].expand(ids.shape[0], -1, -1), tail], dim=1)
         return token_nll(logits, labels[:, prefix - 1 :])
