@@ -106,10 +106,13 @@ def _start(scenario: Path, out: Path, world_size: int, timeout: float) -> tuple[
     try:
         for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
     finally:
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
     logs = "\n".join(f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text()[-4000:] for r in range(world_size))
+    if hung:
+        raise TimeoutError(f"rank(s) {hung} still running after {timeout:.0f} s, killed:\n{logs}")
     return [proc.exitcode for proc in procs], logs
