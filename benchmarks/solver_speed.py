@@ -119,29 +119,37 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
     return header, rows
 
 
+#: The methods both libraries have, as the tables label them (hyperparameters in brackets).
 TORCHJD_METHODS = ("MGDA", "CAGrad(c=0.5)", "UPGrad", "DualProj", "PCGrad", "IMTLG", "AlignedMTL", "NashMTL",
                    "GradVac(beta=0.01)", "FairGrad(alpha=2)", "ConFIG")
 
 
+def method_name(label: str) -> str:
+    """``CAGrad(c=0.5)`` → ``CAGrad``: what ``--methods`` takes."""
+    return label.split("(")[0]
+
+
 def torchjd_pairs(T: int) -> list[tuple[str, object, object]]:
-    """(name, our solver, TorchJD's aggregator) for every method both have, same hyperparameters."""
+    """(label, our solver, TorchJD's aggregator) for each of :data:`TORCHJD_METHODS`, in its order,
+    with the hyperparameters its label names."""
     from torchjd import aggregation as tjd
 
     from lightning_moo import solvers as ours
 
-    return [
-        ("MGDA", ours.MGDA(), tjd.MGDA()),
-        ("CAGrad(c=0.5)", ours.CAGrad(c=0.5), tjd.CAGrad(c=0.5)),
-        ("UPGrad", ours.UPGrad(), tjd.UPGrad()),
-        ("DualProj", ours.DualProj(), tjd.DualProj()),
-        ("PCGrad", ours.PCGrad(), tjd.PCGrad()),
-        ("IMTLG", ours.IMTLG(), tjd.IMTLG()),
-        ("AlignedMTL", ours.AlignedMTL(), tjd.AlignedMTL()),
-        ("NashMTL", ours.NashMTL(), tjd.NashMTL(n_tasks=T)),
-        ("GradVac(beta=0.01)", ours.GradVac(beta=0.01), tjd.GradVac(beta=0.01)),
-        ("FairGrad(alpha=2)", ours.FairGrad(alpha=2.0), tjd.FairGrad(alpha=2.0)),
-        ("ConFIG", ours.ConFIG(), tjd.ConFIG()),
+    pairs = [
+        (ours.MGDA(), tjd.MGDA()),
+        (ours.CAGrad(c=0.5), tjd.CAGrad(c=0.5)),
+        (ours.UPGrad(), tjd.UPGrad()),
+        (ours.DualProj(), tjd.DualProj()),
+        (ours.PCGrad(), tjd.PCGrad()),
+        (ours.IMTLG(), tjd.IMTLG()),
+        (ours.AlignedMTL(), tjd.AlignedMTL()),
+        (ours.NashMTL(), tjd.NashMTL(n_tasks=T)),
+        (ours.GradVac(beta=0.01), tjd.GradVac(beta=0.01)),
+        (ours.FairGrad(alpha=2.0), tjd.FairGrad(alpha=2.0)),
+        (ours.ConFIG(), tjd.ConFIG()),
     ]
+    return [(label, *pair) for label, pair in zip(TORCHJD_METHODS, pairs, strict=True)]
 
 
 def torchjd_table(family: str, tasks: list[int], repeats: int, methods: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -152,7 +160,7 @@ def torchjd_table(family: str, tasks: list[int], repeats: int, methods: list[str
     for T in tasks:
         Js = [jacobian(family, T, s) for s in range(repeats)]
         for name, solver, aggregator in torchjd_pairs(T):
-            if methods and name.split("(")[0] not in methods:
+            if methods and method_name(name) not in methods:
                 continue
             ours_t, theirs_t = [], []
             for step, J in enumerate(Js):
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", help="with --vs-torchjd: only these methods (e.g. IMTLG DualProj)")
     p.add_argument("--out", type=Path, help="also write the tables as markdown here")
     args = p.parse_args(argv)
-    known = [name.split("(")[0] for name in TORCHJD_METHODS]
+    known = [method_name(label) for label in TORCHJD_METHODS]
     if args.methods and not set(args.methods) <= set(known):
         p.error(f"unknown --methods {sorted(set(args.methods) - set(known))}; choose from {known}")
 
