@@ -2,9 +2,9 @@
 
 Written against deepspeed 0.19.8 and lightning 2.6.6. Each use below says why it is needed. A new
 release may rename or reshape any of them without notice, so :func:`check_internals` inspects the
-installed versions for each one and :func:`require_internals` refuses to start (naming what changed
-and what to do) instead of letting a strategy silently reduce gradients the stock way;
-tests/test_compat.py runs the same check in CI.
+installed versions for each one and :func:`require_internals` refuses to start a strategy (naming
+what changed and what to do) instead of letting it silently reduce gradients the stock way; each
+strategy checks only what it and the shared callbacks use. tests/test_compat.py runs the check in CI.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-WRITTEN_AGAINST = {"deepspeed": "0.19.8", "lightning": "2.6.6"}
+WRITTEN_AGAINST = {"torch": "2.13.0", "deepspeed": "0.19.8", "lightning": "2.6.6"}
 FIX = (
-    "lightning_moo was written against deepspeed {deepspeed} and lightning {lightning}: install those "
+    "lightning_moo was written against torch {torch}, deepspeed {deepspeed} and lightning {lightning}: install those "
     "versions, or update lightning_moo/_compat.py for the installed ones"
 )
 
@@ -36,68 +36,77 @@ class Internal:
     # Parameter names the callable must have, or source fragments the owner must contain.
     parameters: Optional[tuple[str, ...]] = None
     source_has: tuple[str, ...] = ()
+    # Which strategy needs it ("deepspeed", "fsdp", "ddp"), or "any" for the shared callbacks and
+    # collectives: a DeepSpeed run must not be refused because torch reshaped FSDP's internals.
+    used_by: str = "any"
 
 
 ZERO = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
 ZERO3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
 INTERNALS = (
     Internal(ZERO, "average_tensor", "the per-bucket reduction of ZeRO-1/2: the hook replaces it per optimizer",
-             parameters=("self", "tensor", "communication_data_type")),
+             parameters=("self", "tensor", "communication_data_type"), used_by="deepspeed"),
     Internal(ZERO, "_add_full_reduction_to_compact_grad_partition",
              "bf16 with fp32 gradient accumulation keeps reduced gradients in a separate fp32 partition; "
              "stock average_tensor fills it from the reduced bucket, so the hook must too",
-             parameters=("self", "reduced_tensor", "communication_data_type")),
+             parameters=("self", "reduced_tensor", "communication_data_type"), used_by="deepspeed"),
     Internal(ZERO, "__init__", "the bucket's parameters and which rank owns which of their elements",
              source_has=("self.ipg_buckets", "self.bit16_groups", "self.grad_start_offset", "self.param_to_partition_ids",
-                         "self.dp_process_group", "self.overlap_comm", "self.reduction_stream", "self.dynamic_loss_scale")),
+                         "self.dp_process_group", "self.overlap_comm", "self.reduction_stream", "self.dynamic_loss_scale"),
+             used_by="deepspeed"),
     Internal("deepspeed.runtime.zero.stage_1_and_2:IPGBucket", None, "a bucket's parameters, MoE flag and copy streams",
-             source_has=("params", "has_moe_params", "copy_streams")),
+             source_has=("params", "has_moe_params", "copy_streams"), used_by="deepspeed"),
     Internal(ZERO3, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads",
              "ZeRO-3's reduce-scatter of one bucket's full gradients into this rank's partitions: the hook replaces it",
-             parameters=("self", "params_to_reduce", "communication_data_type")),
+             parameters=("self", "params_to_reduce", "communication_data_type"), used_by="deepspeed"),
     Internal(ZERO3, "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_contiguous_grads",
              "ZeRO-3's all-reduce variant of the same (reduce_scatter=false): the hook replaces it too",
-             parameters=("self", "buffer_to_reduce", "communication_data_type")),
+             parameters=("self", "buffer_to_reduce", "communication_data_type"), used_by="deepspeed"),
     Internal(ZERO3, "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads",
              "calls one of the two above per bucket, with the bucket's parameters in ipg_buckets, and keeps what "
              "they return as each parameter's partition",
              source_has=("self.__avg_scatter_contiguous_grads(grad_bucket, communication_data_type)",
                          "self.__avg_scatter_grads(params_in_bucket, communication_data_type)",
-                         "self.partition_grads(params_in_bucket, grad_partitions)")),
+                         "self.partition_grads(params_in_bucket, grad_partitions)"), used_by="deepspeed"),
     Internal(ZERO3, "__init__", "the optimizer's data-parallel group, loss scaling and accumulation dtype",
              source_has=("self.dp_process_group", "self.ipg_buckets", "self.gradient_accumulation_dtype",
-                         "self.all2all_process_group")),
+                         "self.all2all_process_group"), used_by="deepspeed"),
     Internal("torch.distributed.fsdp._fully_shard._fully_shard:FSDPModule", "_get_fsdp_state",
              "BucketMOOFSDPStrategy reads each fully_shard unit's parameter group to describe its bucket",
-             parameters=("self",)),
+             parameters=("self",), used_by="fsdp"),
     Internal("torch.distributed.fsdp._fully_shard._fsdp_state:FSDPState", "__init__",
-             "a unit's parameter groups (one bucket needs one)", source_has=("self._fsdp_param_groups",)),
+             "a unit's parameter groups (one bucket needs one)", source_has=("self._fsdp_param_groups",),
+             used_by="fsdp"),
     Internal("torch.distributed.fsdp._fully_shard._fsdp_param_group:FSDPParamGroup", "__init__",
              "a group's parameters and the mesh it shards over (hybrid sharding is refused)",
-             source_has=("self.fsdp_params", "self.mesh_info")),
+             source_has=("self.fsdp_params", "self.mesh_info"), used_by="fsdp"),
     Internal("torch.distributed.fsdp._fully_shard._fsdp_param:FSDPParam", "_init_sharded_param",
              "each parameter's unsharded size, shard dim and sharded parameter: the rank-major padded layout of "
-             "the reduce-scatter input", source_has=("self._orig_size = ", "self.fsdp_placement", "self.sharded_param")),
+             "the reduce-scatter input", source_has=("self._orig_size = ", "self.fsdp_placement", "self.sharded_param"),
+             used_by="fsdp"),
     Internal("torch.distributed.fsdp._fully_shard._fsdp_common:FSDPMeshInfo", "__post_init__",
-             "how many ranks a unit shards over", source_has=("self.shard_mesh_size",)),
+             "how many ranks a unit shards over", source_has=("self.shard_mesh_size",), used_by="fsdp"),
     Internal("deepspeed.runtime.engine:DeepSpeedEngine", "_backward_prologue",
              "a backward through the engine's outputs starts it and queues the reduction: shadowing it keeps an "
-             "extra autograd pass (stashed or global gradients) invisible to DeepSpeed", parameters=("self",)),
+             "extra autograd pass (stashed or global gradients) invisible to DeepSpeed", parameters=("self",),
+             used_by="deepspeed"),
     Internal("deepspeed.ops", None,
              "DeepSpeed compiles a CPU shared-memory op with g++ on first start (about a minute) that training "
-             "never uses; marking it incompatible skips the build", source_has=("__compatible_ops__",)),
+             "never uses; marking it incompatible skips the build", source_has=("__compatible_ops__",),
+             used_by="deepspeed"),
     Internal("lightning.pytorch.strategies.deepspeed:DeepSpeedStrategy", "_setup_model_and_optimizer",
              "calls deepspeed.initialize with device_rank=root_device.index, which is None on CPU",
-             parameters=("self", "model", "optimizer", "lr_scheduler")),
+             parameters=("self", "model", "optimizer", "lr_scheduler"), used_by="deepspeed"),
     Internal("lightning.pytorch.strategies.deepspeed:DeepSpeedStrategy", "_initialize_deepspeed_inference",
              "validate/test/predict: the same device_rank=None problem, inside a method we only wrap",
-             parameters=("self", "model"), source_has=("deepspeed.initialize(", "device_rank=self.root_device.index")),
+             parameters=("self", "model"), source_has=("deepspeed.initialize(", "device_rank=self.root_device.index"),
+             used_by="deepspeed"),
     Internal("lightning.pytorch.strategies.deepspeed:DeepSpeedStrategy", "_init_deepspeed_distributed",
              "the part of setup_distributed that follows Lightning's CUDA device-index check, which CPU skips",
-             parameters=("self",)),
+             parameters=("self",), used_by="deepspeed"),
     Internal("lightning.pytorch.strategies.ddp:DDPStrategy", "_register_ddp_hooks",
              "Lightning registers DDP comm hooks on CUDA only; the DDP strategy registers its own on any device",
-             parameters=("self",)),
+             parameters=("self",), used_by="ddp"),
     Internal("lightning.pytorch.strategies.launchers.subprocess_script", "_launch_process_observer",
              "Lightning's watcher of the launcher's child ranks SIGKILLs every rank, saying nothing, when one fails: "
              "lightning_moo.faults puts a watcher in its place that first says which rank failed and why",
@@ -157,9 +166,10 @@ def check_internals(internals: Optional[tuple[Internal, ...]] = None) -> list[st
     return problems
 
 
-def require_internals() -> None:
-    """Raise before the first step if an internal the strategies hook into has changed."""
-    problems = check_internals()
+def require_internals(strategy: str) -> None:
+    """Raise before the first step if an internal that ``strategy`` ("deepspeed", "fsdp" or "ddp") or
+    the shared callbacks hook into has changed."""
+    problems = check_internals(tuple(item for item in INTERNALS if item.used_by in (strategy, "any")))
     if problems:
         raise RuntimeError(
             "the installed versions changed internals lightning_moo hooks into, so bucket-level MOO would not "

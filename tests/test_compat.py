@@ -43,7 +43,23 @@ def test_require_internals_refuses_with_the_fix(monkeypatch):
                     parameters=("self",))
     monkeypatch.setattr(_compat, "INTERNALS", _compat.INTERNALS + (gone,))
     with pytest.raises(RuntimeError) as error:
-        require_internals()
+        require_internals("ddp")
     message = str(error.value)
     assert "_register_ddp_hooks_renamed is gone" in message
     assert "install those versions" in message and "deepspeed 0.19.8" in message and "_compat.py" in message
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp", "ddp"])
+def test_a_strategy_is_refused_only_for_what_it_or_every_strategy_uses(monkeypatch, strategy):
+    # torch 2.11 reshaped FSDP's internals: that must stop BucketMOOFSDPStrategy, not a DeepSpeed run.
+    changed = {used_by: Internal("torch.distributed.distributed_c10d", f"_renamed_for_{used_by}", "anything",
+                                 parameters=(), used_by=used_by) for used_by in ("deepspeed", "fsdp", "ddp", "any")}
+    monkeypatch.setattr(_compat, "INTERNALS", _compat.INTERNALS + tuple(changed.values()))
+    with pytest.raises(RuntimeError) as error:
+        require_internals(strategy)
+    named = {used_by for used_by in changed if f"_renamed_for_{used_by} is gone" in str(error.value)}
+    assert named == {strategy, "any"}
+
+
+def test_every_internal_names_a_strategy_that_checks_it():
+    assert {item.used_by for item in _compat.INTERNALS} == {"deepspeed", "fsdp", "ddp", "any"}

@@ -112,7 +112,7 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
         return self.layout.languages_of(self.global_rank)[0]
 
     def setup_distributed(self) -> None:
-        _compat.require_internals()
+        _compat.require_internals("deepspeed")
         self.set_world_ranks()
         self.layout = LanguageLayout.build(self.languages, self.world_size)
         super().setup_distributed()

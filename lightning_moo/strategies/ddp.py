@@ -204,7 +204,7 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicCheck
         return self.hook.buckets if self.hook is not None else {}
 
     def setup_distributed(self) -> None:
-        _compat.require_internals()
+        _compat.require_internals("ddp")
         self.set_world_ranks()
         count = self.world_size if self.languages is None else self.languages if isinstance(self.languages, int) else len(self.languages)
         if count != self.world_size:

@@ -182,7 +182,7 @@ class BucketMOOFSDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicChec
         return self.hook.buckets if self.hook is not None else {}
 
     def setup_environment(self) -> None:
-        _compat.require_internals()
+        _compat.require_internals("fsdp")
         self.set_world_ranks()
         self.layout = LanguageLayout.build(self.languages, self.world_size)
         if self.layout.languages_per_rank > 1:
