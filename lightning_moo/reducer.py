@@ -119,10 +119,17 @@ class BucketReducer:
         if not self._unchecked:
             return
         pending, self._unchecked = self._unchecked, []
-        finite = torch.stack([torch.isfinite(g).all() for _, g in pending]).cpu()
-        for info in self.buckets.values():
-            info.gram, info.weights = info.gram.to("cpu", torch.float64), info.weights.to("cpu", torch.float64)
-            info.param_grams = None if info.param_grams is None else info.param_grams.cpu()
+        # One device-to-host copy of every flag and record (all float64): a copy per tensor would wait on the
+        # device each time (67 waits per step instead of 1 for 22 buckets on an H200, gpu_no_stall.md).
+        infos = [self.buckets[bucket.index] for bucket, _ in pending if bucket.index in self.buckets]
+        records = [t for info in infos for t in (info.gram, info.weights, info.param_grams) if t is not None]
+        parts = [t.reshape(-1).to(torch.float64) for t in [torch.isfinite(g).all() for _, g in pending] + records]
+        host = iter(torch.cat(parts).cpu().split([p.numel() for p in parts]))
+        finite = torch.cat([next(host) for _ in pending]).bool()
+        for info in infos:
+            info.gram, info.weights = next(host).view(info.gram.shape), next(host).view(info.weights.shape)
+            if info.param_grams is not None:
+                info.param_grams = next(host).view(info.param_grams.shape)
         if bool(finite.all()):
             return
         if self.loss_scaling:

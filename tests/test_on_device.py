@@ -206,8 +206,11 @@ def test_reduction_without_host_reads(tmp_path):
             results[on_device] = (tensor, w, reads.reads, reducer.buckets[0])
         assert results[False][2] > 0 and results[True][2] == 0
         torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(results[True][3].param_grams, results[False][3].param_grams)
-        assert results[True][3].gram.device.type == "cpu"
+        device_record, host_record = results[True][3], results[False][3]
+        torch.testing.assert_close(device_record.param_grams, host_record.param_grams)  # dtype and shape too
+        torch.testing.assert_close(device_record.gram, host_record.gram)
+        torch.testing.assert_close(device_record.weights, host_record.weights, rtol=1e-6, atol=1e-7)
+        assert device_record.gram.device.type == "cpu" and device_record.weights.dtype == torch.float64
 
         reducer = BucketReducer(MGDA(), ShardedExchange(), layout, "ZeRO", on_device=True)
         reducer.start_step(3)
