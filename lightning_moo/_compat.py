@@ -1,6 +1,6 @@
 """Every private DeepSpeed and Lightning internal this package relies on, in one place.
 
-Written against deepspeed 0.19.8 and lightning 2.6.6. Each use below says why it is needed. A new
+Written against torch 2.13.0, deepspeed 0.19.8 and lightning 2.6.6. Each use below says why it is needed. A new
 release may rename or reshape any of them without notice, so :func:`check_internals` inspects the
 installed versions for each one and :func:`require_internals` refuses to start a strategy (naming
 what changed and what to do) instead of letting it silently reduce gradients the stock way; each
