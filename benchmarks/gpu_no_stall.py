@@ -1,7 +1,8 @@
-"""Does bucket-level MOO stall the GPU? One prepared run on one GPU (estimated at a few minutes on an H200; never yet run on one).
+"""Does bucket-level MOO stall the GPU? One run on one GPU (5.5 minutes on an H200: benchmarks/results/gpu_no_stall.md).
 
     python benchmarks/gpu_no_stall.py --out benchmarks/results/gpu_no_stall.md
     python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # a tiny model (CPU: ~1 minute)
+    python benchmarks/gpu_no_stall.py --configs stock Mean "MGDA on device"   # some configurations only
 
 A randomly initialised Llama of ~1B parameters (bf16, 20 layers, hidden 2048) trains with DeepSpeed
 ZeRO-2 (overlap_comm, 5e7-element buckets, the default) at world size 1, four languages on the one
@@ -19,9 +20,10 @@ It reports (a) synchronisations: ``torch.cuda.set_sync_debug_mode("warn")`` is o
 ``average_tensor`` (our hook, or stock's own) runs in one untimed step and, in the next, while each
 backward runs (the stashed languages' too); every warning is counted, and where in the
 Python code each came from is listed; (b) the median step time over the timed steps, as
-ratios against ``stock`` and ``Mean`` measured in the same invocation, and the peak memory; (c) a
-``torch.profiler`` summary of two steps per configuration: device time, host time, and the host
-time spent in synchronising calls. On CPU (a) and the device columns are "n/a".
+ratios against ``stock`` and ``Mean`` measured in the same invocation, and the peak memory above what
+the configuration started with (DeepSpeed keeps earlier engines alive); (c) a ``torch.profiler``
+summary of two steps per configuration: device time, host time, the host time spent in
+synchronising calls, and the operators and kernels that take the most device time beyond stock's. On CPU (a) and the device columns are "n/a".
 The last lines compare each solver's final parameters on device and on host. A configuration that
 fails is reported with its error and the rest still run; the report is rewritten after every
 configuration, so a run cut short keeps what it measured.
@@ -34,6 +36,7 @@ import contextlib
 import gc
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -58,6 +61,7 @@ SMOKE = dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers
                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64),
              batch=2, seq=32, warmup=3, timed=2, bucket=4000)
 LANGUAGES = 4
+CONFIGURATIONS = ["stock", "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense")
 
 
@@ -83,7 +87,8 @@ class SyncWatch:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
                 for w in caught:
-                    if "synchroniz" in str(w.message).lower():
+                    # Not the one-time notice that the debug mode is a prototype.
+                    if "called a synchronizing" in str(w.message):
                         self.where[f"{Path(w.filename).name}:{w.lineno} {str(w.message)[:70]}"] += 1
 
     @property
@@ -200,6 +205,7 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
     else:
         solver, on_device = solvers[name]
         strategy = BucketMOOStrategy(solver=solver, languages=LANGUAGES, on_device=on_device, config=config)
+    held = torch.cuda.memory_allocated() if cuda else 0  # what earlier configurations left (DeepSpeed keeps engines alive)
     module = RandomLlama(settings["model"], settings["batch"], settings["seq"], stock, "cuda" if cuda else "cpu")
     measure = Measure(settings["warmup"], settings["timed"], cuda)
     steps = settings["warmup"] + settings["timed"] + 2
@@ -209,7 +215,7 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
                ).fit(module, DataLoader(range(steps), batch_size=None))
     return dict(name=name, step=statistics.median(measure.times), times=measure.times,
                 in_reductions=measure.in_reductions, in_backward=measure.in_backward,
-                peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+                peak=(torch.cuda.max_memory_allocated() - held) / 2**30 if cuda else float("nan"),
                 buckets=len(getattr(strategy, "buckets", {}) or {}),
                 params={n: p.detach().float().cpu() for n, p in module.model.named_parameters()},
                 profile=summarize(measure.profile, cuda))
@@ -221,7 +227,9 @@ def summarize(profile, cuda: bool) -> dict:
     device = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3 if cuda else float("nan")
     syncing = sum(e.self_cpu_time_total for e in events if any(s in e.key for s in SYNC_CALLS)) / 1e3
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
-    return dict(host=host, device=device, syncing=syncing, top=", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.1f}" for e in top))
+    on_device = {e.key: getattr(e, "self_device_time_total", 0.0) / 1e3 for e in events} if cuda else {}
+    return dict(host=host, device=device, syncing=syncing, on_device=on_device,
+                top=", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.1f}" for e in top))
 
 
 def report(results: list[dict], settings: dict, device: str, command: str) -> str:
@@ -269,6 +277,14 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
     lines += [f"- {r['name']}: " + ", ".join(f"{t:.3f}" for t in r["times"]) for r in done.values()]
     lines += ["", "Top host operators over the two profiled steps (self ms):", ""]
     lines += [f"- {r['name']}: {r['profile']['top']}" for r in done.values()]
+    if "stock" in done and done["stock"]["profile"]["on_device"]:
+        lines += ["", "Where the extra device time goes: the operators and kernels with the most self device time "
+                  "beyond stock's over the two profiled steps (ms more than stock):", ""]
+        base = done["stock"]["profile"]["on_device"]
+        for r in (r for r in done.values() if r["name"] != "stock"):
+            extra = {k: v - base.get(k, 0.0) for k, v in r["profile"]["on_device"].items()}
+            top = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:6]
+            lines.append(f"- {r['name']}: " + "; ".join(f"`{k[:60]}` +{v:.1f}" for k, v in top))
     return "\n".join(lines) + "\n"
 
 
@@ -277,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps: checks the script runs")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     parser.add_argument("--out", type=Path, help="write the markdown report here (after every configuration)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, default=CONFIGURATIONS, metavar="NAME",
+                        help=f"run only these configurations, in this order (default: all of {CONFIGURATIONS})")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.smoke:
@@ -286,12 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29543", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
         os.environ.setdefault(key, value)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    command = "python benchmarks/gpu_no_stall.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    names = ["stock", "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
+    command = shlex.join(["python", "benchmarks/gpu_no_stall.py", *(argv if argv is not None else sys.argv[1:])])
     results = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(args.configs):
         started = time.perf_counter()
-        print(f"[{i + 1}/{len(names)}] {name} ...", flush=True)
+        print(f"[{i + 1}/{len(args.configs)}] {name} ...", flush=True)
         try:
             results.append(train(name, settings, cuda))
         except Exception as error:  # reported in its row; the other configurations still run
@@ -306,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                               **({"error": r["error"]} if "error" in r else
                                  dict(step=r["step"], sync_reductions=r["in_reductions"].count,
                                       sync_backward=r["in_backward"].count, peak_gib=r["peak"])))), flush=True)
-        text = report(results, settings, device, command.strip())
+        text = report(results, settings, device, command)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text)
