@@ -248,6 +248,10 @@ def launch(spec: dict, world: int, tmp: Path) -> dict:
     return {k: max(r[k] for r in ranks) for k in ranks[0]}
 
 
+def _ratio(value: float, stock: float) -> str:
+    return f"{value / stock:.2f}" if stock else "-"  # one rank: stock sends nothing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
@@ -292,7 +296,7 @@ def main() -> None:
             r, s = results[name], results[CONFIGS[name].get("baseline", "stock ZeRO-2")]
             line = (
                 f"| {world} | {name} | {r['buckets'] or '-'} | {r['step_s']:.3f} | {r['step_s'] / s['step_s']:.2f} | "
-                f"{r['bytes_per_step'] / 2**20:.1f} | {r['bytes_per_step'] / s['bytes_per_step']:.2f} | "
+                f"{r['bytes_per_step'] / 2**20:.1f} | {_ratio(r['bytes_per_step'], s['bytes_per_step'])} | "
                 f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - s['peak_rss_mb']:+.0f} |"
             )
             print(line, flush=True)

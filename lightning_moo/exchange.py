@@ -112,7 +112,7 @@ class Exchange(ABC):
         """The T×T Gram matrix (float64) of the ranks' ``tensor``s, without changing them."""
         mine = _gather_slices(PieceRows.of(tensor), even_segments(tensor.numel(), dist.get_world_size(group)), group, tensor)
         partial = layout.language_grams(gram(mine))
-        dist.all_reduce(partial, group=group)
+        _sum_over_ranks(partial, group)
         return partial
 
 
@@ -175,7 +175,7 @@ class ShardedExchange(Exchange):
         mine = _gather_slices(rows, slices, group, tensor, out=scratch[: gathered * m].view(gathered, m))
         # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
         piece_grams = layout.language_grams(_piece_grams(mine, slices[rank].start, pieces))
-        dist.all_reduce(piece_grams, group=group)
+        _sum_over_ranks(piece_grams, group)
         w = solve(piece_grams.sum(0))
         combine(layout.row_weights(w), mine, out=combined)
         _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
@@ -248,13 +248,22 @@ def _gather_slices(rows: PieceRows, slices: Sequence[Segment], group, like: Tens
     (one language's contiguous gradient is sent as it is)."""
     world, rank = len(slices), dist.get_rank(group)
     count, length = len(rows), slices[rank].length
+    mine = like.new_empty(world * count, length) if out is None else out
+    if world == 1:  # the all-to-all would only copy the rows to this rank: copy them straight in
+        torch.cat(rows.pieces(0, length, like), out=mine.view(-1))
+        return mine
     if count == 1 and len(rows.rows[0]) == 1:
         send = rows.rows[0][0][1]
     else:  # each destination's slice of all m rows, contiguous
         send = torch.cat([piece for s in slices for piece in rows.pieces(s.start, s.start + s.length, like)])
-    mine = like.new_empty(world * count, length) if out is None else out
     dist.all_to_all_single(mine.view(-1), send, [count * length] * world, [count * s.length for s in slices], group=group)
     return mine
+
+
+def _sum_over_ranks(partial: Tensor, group) -> None:
+    """All-reduce ``partial`` in place; one rank (several languages on one GPU) holds the sum already."""
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(partial, group=group)
 
 
 def _piece_grams(columns: Tensor, first: int, pieces: Sequence[tuple[int, int]]) -> Tensor:

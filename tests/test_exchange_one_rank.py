@@ -1,0 +1,50 @@
+"""One rank training several languages (the one-GPU recipes): the sharded exchange makes no collective
+call, and what it writes is the weighted sum of the languages' gradients, checked in NumPy."""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_moo.buckets import Segment
+from lightning_moo.exchange import ShardedExchange
+from lightning_moo.layout import LanguageLayout
+
+
+@pytest.fixture
+def one_rank(tmp_path, monkeypatch):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective was called on one rank")
+
+    for name in ("all_to_all_single", "all_reduce", "all_gather_into_tensor"):
+        monkeypatch.setattr(dist, name, refuse)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("languages", [2, 4])
+def test_one_rank_combines_without_a_collective(one_rank, languages):
+    rng = np.random.default_rng(languages)
+    n, pieces = 37, [(0, 10), (10, 11), (11, 37)]
+    rows = rng.standard_normal((languages, n))
+    weights = rng.dirichlet(np.ones(languages))
+    tensor = torch.tensor(rows[-1])  # the language DeepSpeed's buckets hold; the others are stashed
+    seen = []
+
+    def solve(gram):
+        seen.append(gram.clone())
+        return torch.tensor(weights)
+
+    piece_grams, w = ShardedExchange().reduce(
+        tensor, (Segment(0, n, 0),), pieces, solve, LanguageLayout.build(languages, 1), others=torch.tensor(rows[:-1]))
+    expected = [rows[:, a:b] @ rows[:, a:b].T for a, b in pieces]
+    np.testing.assert_allclose(piece_grams.numpy(), np.stack(expected), rtol=1e-12)
+    np.testing.assert_allclose(seen[0].numpy(), rows @ rows.T, rtol=1e-12)
+    np.testing.assert_allclose(tensor.numpy(), weights @ rows, rtol=1e-12)
+    assert torch.equal(w, torch.tensor(weights))
+
