@@ -1,10 +1,11 @@
 """Every private DeepSpeed and Lightning internal this package relies on, in one place.
 
-Written against torch 2.13.0, deepspeed 0.19.8 and lightning 2.6.6. Each use below says why it is needed. A new
-release may rename or reshape any of them without notice, so :func:`check_internals` inspects the
-installed versions for each one and :func:`require_internals` refuses to start a strategy (naming
-what changed and what to do) instead of letting it silently reduce gradients the stock way; each
-strategy checks only what it and the shared callbacks use. tests/test_compat.py runs the check in CI.
+Written against torch 2.13.0, deepspeed 0.19.8 and lightning 2.6.6. Each use below says why it is
+needed. A new release may rename or reshape any of them without notice, so :func:`check_internals`
+inspects the installed versions for each one and :func:`require_internals` refuses to start a
+strategy (naming what changed and what to do) instead of letting it silently reduce gradients the
+stock way; each strategy checks only what it and the shared callbacks use. tests/test_compat.py
+runs the check in CI.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Internal:
     used_by: str = "any"
 
 
+STRATEGIES = ("deepspeed", "fsdp", "ddp")
 ZERO = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
 ZERO3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
 INTERNALS = (
@@ -169,6 +171,8 @@ def check_internals(internals: Optional[tuple[Internal, ...]] = None) -> list[st
 def require_internals(strategy: str) -> None:
     """Raise before the first step if an internal that ``strategy`` ("deepspeed", "fsdp" or "ddp") or
     the shared callbacks hook into has changed."""
+    if strategy not in STRATEGIES:  # a misspelt name would check only the shared internals
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     problems = check_internals(tuple(item for item in INTERNALS if item.used_by in (strategy, "any")))
     if problems:
         raise RuntimeError(

@@ -62,4 +62,6 @@ def test_a_strategy_is_refused_only_for_what_it_or_every_strategy_uses(monkeypat
 
 
 def test_every_internal_names_a_strategy_that_checks_it():
-    assert {item.used_by for item in _compat.INTERNALS} == {"deepspeed", "fsdp", "ddp", "any"}
+    assert {item.used_by for item in _compat.INTERNALS} == {*_compat.STRATEGIES, "any"}
+    with pytest.raises(ValueError, match="unknown strategy 'zero'"):
+        require_internals("zero")
