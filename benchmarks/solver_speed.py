@@ -19,6 +19,12 @@ one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix and t
 combination against the stock path (the mean of the T gradients), as ratios measured in the same
 run.
 
+``--on-device`` instead counts and times the solvers that solve on the gradients' device
+(``weights_on_device``: MGDA and CAGrad by enumeration, no host read), per bucket: the operators one
+call dispatches (on CUDA each non-view operator is a kernel launch the host pays for while the
+backward waits for its own launches) and the host time of one call; with ``--device cuda`` also the
+time until its kernels have finished.
+
 ``--vs-torchjd`` (needs ``pip install -e .[bench]``) instead times, on the same J, what an update
 costs each library: ours ``w = solver(J @ J.T); w @ J``, TorchJD's ``aggregator(J)`` (which forms
 the Gramian, solves and combines), alternating the two call by call; TorchJD's MGDA is
@@ -38,9 +44,10 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_moo.gram import combine, gram
-from lightning_moo.solvers import BUILTIN, MGDA
+from lightning_moo.solvers import BUILTIN, MGDA, CAGrad
 
 SOLVERS = [cls for cls in BUILTIN if cls.__name__ != "Sum"]  # Sum costs what Mean does
 FAMILIES = ("random", "hard-conflict", "rank-deficient", "ill-conditioned")
@@ -116,6 +123,61 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
         ["combine Σ w_t g_t", f"{1e3 * t_comb:.2f}", f"{t_comb / stock:.2f}"],
         ["Gram + MGDA + combine", f"{1e3 * t_both:.2f}", f"{t_both / stock:.2f}"],
     ]
+    return header, rows
+
+
+#: Operators that only make a view (no kernel, no memory traffic): counted apart from the rest.
+VIEW_OPS = frozenset({"view", "_unsafe_view", "as_strided", "permute", "transpose", "t", "unsqueeze", "squeeze",
+                      "expand", "select", "slice", "diagonal", "alias", "detach", "lift_fresh", "_reshape_alias",
+                      "split", "unbind"})
+
+
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the block, views apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.views = self.others = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__.rstrip("_") in VIEW_OPS:
+            self.views += 1
+        else:
+            self.others += 1
+        return func(*args, **(kwargs or {}))
+
+
+def on_device_table(tasks: list[int], repeats: int, device: str) -> tuple[list[str], list[list[str]]]:
+    """Per on-device solver and T: operators per call (non-view + view), host µs per call, and on
+    CUDA µs until the call's kernels finish; medians over ``repeats`` hard-conflict Grams."""
+    from lightning_moo.solvers.on_device import MAX_TASKS
+
+    tasks = [T for T in tasks if T <= MAX_TASKS]
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    header = ["solver", "measure"] + [f"T={T}" for T in tasks]
+    rows = []
+    for name, solver in (("MGDA", MGDA()), ("CAGrad(c=0.5)", CAGrad(c=0.5))):
+        ops, host, done = [], [], []
+        for T in tasks:
+            grams = [(J @ J.T).to(device) for J in (jacobian("hard-conflict", T, s) for s in range(repeats))]
+            solver.weights_on_device(grams[0])  # builds the systems' constants once per T and device
+            with OperatorCount() as count:
+                solver.weights_on_device(grams[0])
+            ops.append(f"{count.others} + {count.views}")
+            launch, finish = [], []
+            for G in grams:
+                sync()
+                start = time.perf_counter()
+                solver.weights_on_device(G)
+                launch.append(time.perf_counter() - start)
+                sync()
+                finish.append(time.perf_counter() - start)
+            host.append(f"{1e6 * statistics.median(launch):.0f}")
+            done.append(f"{1e6 * statistics.median(finish):.0f}")
+        rows += [[name, "operators per call (non-view + view)", *ops], [name, "host µs per call", *host]]
+        if cuda:
+            rows.append([name, "µs until its kernels finish", *done])
     return header, rows
 
 
@@ -205,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--on-device", action="store_true", help="count and time the solvers that solve on --device instead")
     p.add_argument("--vs-torchjd", action="store_true", help="compare with TorchJD instead (pip install -e .[bench])")
     p.add_argument("--methods", nargs="+", help="with --vs-torchjd: only these methods (e.g. IMTLG DualProj)")
     p.add_argument("--out", type=Path, help="also write the tables as markdown here")
@@ -220,7 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     versions = f"torch {torch.__version__}, NumPy {np.__version__}"
     tables = []
-    if args.vs_torchjd:
+    if args.on_device:
+        with console.status("counting and timing the on-device solvers ..."):
+            tables.append((f"on-device solvers on {args.device}: one call per bucket, hard-conflict Grams, median of {args.repeats}",
+                           on_device_table(args.tasks, args.repeats, args.device)))
+    elif args.vs_torchjd:
         versions += f", TorchJD {importlib.metadata.version('torchjd')}"
         for family in args.families:
             with console.status(f"timing ours and TorchJD on {family} Jacobians ..."):

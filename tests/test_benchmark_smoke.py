@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -23,6 +24,21 @@ def test_solver_speed_times_every_registered_solver(tmp_path):
     text = out.read_text()
     timed = [line.split("|")[1].split("(")[0].strip() for line in text.splitlines() if line.startswith("| ")]
     assert {cls.__name__ for cls in BUILTIN} - {"Sum"} <= set(timed)  # Sum costs what Mean does
+
+
+def test_solver_speed_counts_and_times_the_on_device_solvers(tmp_path):
+    bench = load("solver_speed")
+    x = torch.arange(6.0)
+    with bench.OperatorCount() as count:
+        x.view(2, 3).t() * 2  # two views, one kernel
+    assert (count.others, count.views) == (1, 2)
+    out = tmp_path / "on_device.md"
+    bench.main(["--on-device", "--tasks", "2", "13", "--repeats", "2", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| MGDA") or line.startswith("| CAGrad")]
+    assert [r[0].strip() for r in rows] == ["MGDA", "MGDA", "CAGrad(c=0.5)", "CAGrad(c=0.5)"]
+    assert all(len(r) == 3 for r in rows), "T = 13 is beyond enumeration and must be left out"
+    others, views = (int(n) for n in rows[0][2].split("+"))
+    assert others > 0 and views >= 0 and float(rows[1][2]) > 0
 
 
 def test_solver_speed_refuses_a_method_it_does_not_compare(capsys):

@@ -7,7 +7,7 @@ exactly by enumeration, with no data-dependent control flow:
 
 * the optimum lies in the relative interior of one face of the simplex, and by Carathéodory a face
   whose gradients are affinely independent (its KKT system is then non-singular) holds it;
-* on a support S the optimum of the face solves ``G_SS w_S = μ 1``, ``1ᵀw_S = 1``;
+* on a support S the optimum of the face solves ``G_SS w = μ 1``, ``1ᵀw = 1``;
 * every candidate with ``w_S ≥ 0`` is a feasible point, so the lowest objective over all
   ``2^T − 1`` supports is the optimum (to rounding): no KKT test, no branch.
 
@@ -18,36 +18,93 @@ The systems are Jacobi-scaled (unit diagonal; zero gradients keep a zero row) an
 CAGrad's dual ``min_{w ∈ simplex} F(w) = wᵀb + r‖Jᵀw‖`` (``b = G·1/T``, ``r = c‖g0‖``) is convex
 and, on a support S with ``‖Jᵀw‖ = s > 0``, its KKT conditions are ``G_SS w = β1 − α b_S`` with
 ``α = s/r`` and ``1ᵀw = 1``: the same KKT matrix as MGDA's, whose solution is affine in α,
-``w(α) = w₀ + α w₁``, and ``w(α)ᵀG w(α) = r²α²`` is a quadratic equation in α. Every root with
-``w ≥ 0``, and every MGDA candidate ``w₀``, is a point of the simplex; the lowest F among them is the
-optimum. (When that optimum has ``Jᵀw = 0`` the direction is the projection of ``g0`` onto the
-dual cone, ``min_{v ≥ 1/T} vᵀGv``, enumerated the same way.)
+``w(α) = w₀ + α w₁``, and ``w(α)ᵀG w(α) = r²α²`` is a quadratic equation in α. Every root, and every
+MGDA candidate ``w₀`` (α = 0), that lies on the simplex is a feasible point; the lowest F among them
+is the optimum, so a root that is not the optimum's can only lose. (When that optimum has
+``Jᵀw = 0`` the direction is the projection of ``g0`` onto the dual cone, ``min_{v ≥ 1/T} vᵀGv``,
+enumerated the same way, in the same batched solve.)
+
+On CUDA every operator is a kernel launch the host pays for, bucket after bucket, while the
+backward waits for its own launches: the solvers keep their operator count low (the systems'
+Gram-independent entries are built once per task count and device, one batched solve serves all
+of CAGrad's systems; ``benchmarks/solver_speed.py --on-device`` counts them).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 #: Largest task count solved by enumeration (4095 systems of 13×13).
 MAX_TASKS = 12
 
-_SUPPORTS: dict[tuple[int, torch.device], Tensor] = {}
 # A support whose solution has a weight below this (after scaling to the simplex) is not feasible;
 # rounding-level negatives of a feasible face are clipped, and the objective is then evaluated at
 # the clipped point, so accepting them can never return a point worse than a feasible one.
 _NEGATIVE_TOLERANCE = 1e-9
 
 
-def _supports(num_tasks: int, device: torch.device) -> Tensor:
-    """[2^T − 1, T] float64 indicator rows of every non-empty subset of the tasks."""
+class _Systems(NamedTuple):
+    """What the enumeration's systems hold whatever the Gram, for T tasks on one device.
+
+    Rows ``[0, K)`` of the batch are the KKT systems of the K = 2^T − 1 supports, rows ``[K, 2K)``
+    the dual-cone systems of the same supports. Each is ``mask ⊙ B + off`` for the bordered matrix
+    ``B = [DGD, −d; dᵀ, 0]``: ``mask`` keeps the support's entries (and, for KKT, the border), ``off``
+    fixes every other unknown to zero (the dual-cone systems have no multiplier)."""
+
+    mask: Tensor  # [2K, T+1, T+1]
+    off: Tensor  # [2K, T+1, T+1]
+    border: Tensor  # [T+1, T+1]: −1 in the last column, +1 in the last row (scaled by d into B)
+    unit: Tensor  # [K, T+1, 1]: MGDA's right-hand side, 1ᵀw = 1
+    rhs: Tensor  # [2K, T+1, 2]: CAGrad's right-hand sides without −b_S: e_T in the KKT systems' first column
+    rhs_column: Tensor  # [2K, 1, 2]: where −b_S goes (the KKT systems' second column, the dual-cone systems' first)
+    neg_support: Tensor  # [2K, T+1]: −S with a zero multiplier slot
+    one: Tensor  # [1]
+    zero: Tensor  # [1]
+    signs: Tensor  # [2, 1]: the quadratic formula's ±
+    zero_row: Tensor  # [1, K]: α = 0, the MGDA candidates
+
+
+_SYSTEMS: dict[tuple[int, torch.device], _Systems] = {}
+
+
+def _systems(num_tasks: int, device: torch.device) -> _Systems:
     key = (num_tasks, device)
-    if key not in _SUPPORTS:
-        # Built on the device: a copy from host memory would wait for the device (a blocking copy).
-        codes = torch.arange(1, 2**num_tasks, device=device)
-        bits = (codes[:, None] >> torch.arange(num_tasks, device=device)[None, :]) & 1
-        _SUPPORTS[key] = bits.to(torch.float64)
-    return _SUPPORTS[key]
+    if key not in _SYSTEMS:
+        _SYSTEMS[key] = _build_systems(num_tasks, device)
+    return _SYSTEMS[key]
+
+
+def _build_systems(T: int, device: torch.device) -> _Systems:
+    # Built on the device from scratch: a copy from host memory would wait for the device.
+    f64 = dict(dtype=torch.float64, device=device)
+    codes = torch.arange(1, 2**T, device=device)
+    S = ((codes[:, None] >> torch.arange(T, device=device)[None, :]) & 1).to(torch.float64)
+    K = S.shape[0]
+    ones, zeros = torch.ones(K, 1, **f64), torch.zeros(K, 1, **f64)
+    kkt, dual = torch.cat([S, ones], 1), torch.cat([S, zeros], 1)
+    mask = torch.cat([kkt[:, :, None] * kkt[:, None, :], dual[:, :, None] * dual[:, None, :]])
+    off = torch.cat([torch.diag_embed(torch.cat([1 - S, zeros], 1)), torch.diag_embed(torch.cat([1 - S, ones], 1))])
+    border = torch.zeros(T + 1, T + 1, **f64)
+    border[:T, T], border[T, :T] = -1.0, 1.0
+    rhs = torch.zeros(2 * K, T + 1, 2, **f64)
+    rhs[:K, T, 0] = 1.0
+    rhs_column = torch.zeros(2 * K, 1, 2, **f64)
+    rhs_column[:K, 0, 1], rhs_column[K:, 0, 0] = 1.0, 1.0
+    signs = torch.ones(2, 1, **f64)
+    signs[1] = -1.0
+    return _Systems(
+        mask, off, border, rhs[:K, :, :1].contiguous(), rhs, rhs_column, -torch.cat([dual, dual]),
+        torch.ones(1, **f64), torch.zeros(1, **f64), signs, torch.zeros(1, K, **f64),
+    )
+
+
+def _finite(x: Tensor) -> Tensor:
+    """Elementwise finiteness in two kernels (``torch.isfinite`` is four): ``x·0`` is NaN for ±inf and NaN."""
+    return x * 0 == 0
 
 
 def _prepare(gram: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -55,51 +112,44 @@ def _prepare(gram: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Jacobi scaling ``d``; whether the Gram is finite; whether any gradient is non-zero."""
     G = gram.to(torch.float64)
     G = 0.5 * (G + G.T)
-    finite = torch.isfinite(G).all()
-    G = torch.where(finite, G, torch.zeros_like(G))
-    diag = G.diagonal().clamp_min(0)
-    scale = diag.max()
+    finite = _finite(G).all()
+    G = torch.where(finite, G, 0.0)
+    scale = G.diagonal().max()
     has_gradient = scale > 0
-    scale = torch.where(has_gradient, scale, torch.ones_like(scale))
-    G = G / scale
-    d = torch.where(diag > 0, (diag / scale).rsqrt(), torch.ones_like(diag))
+    G = G / torch.where(has_gradient, scale, 1.0)
+    diag = G.diagonal()
+    d = torch.where(diag > 0, diag.rsqrt(), 1.0)  # a squared norm ≤ 0 is a zero gradient
     return G, d, finite, has_gradient
 
 
-def _face_solutions(G: Tensor, d: Tensor, linear: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """For every support S: the solution ``w₀`` of ``G_SS w = β1, 1ᵀw = 1`` (MGDA's face optimum)
-    and, given ``linear`` (b), ``w₁`` of ``G_SS w = β1 − b_S, 1ᵀw = 0``; zero off S. With the
-    success flag of each system ([K, T], [K, T] or None, [K])."""
+def _solve(systems: _Systems, count: int, G: Tensor, d: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """The first ``count`` systems for ``G`` solved in one batch: their unknowns ``w = D v``
+    ([count, T, columns]) and which systems were non-singular ([count])."""
     T = G.shape[0]
-    S = _supports(T, G.device)
-    K = S.shape[0]
-    scaled = G * d[:, None] * d[None, :]
-    # KKT system in v (w = D v): [DGD_SS, -d_S; d_Sᵀ, 0]; v_i = 0 off the support.
-    system = torch.zeros(K, T + 1, T + 1, dtype=torch.float64, device=G.device)
-    system[:, :T, :T] = S[:, :, None] * S[:, None, :] * scaled + torch.diag_embed(1 - S)
-    system[:, :T, T] = -S * d
-    system[:, T, :T] = S * d
-    rhs = torch.zeros(K, T + 1, 1 if linear is None else 2, dtype=torch.float64, device=G.device)
-    rhs[:, T, 0] = 1.0
-    if linear is not None:
-        rhs[:, :T, 1] = -S * d * linear
-    solution, info = torch.linalg.solve_ex(system, rhs)
-    w = d[None, :, None] * solution[:, :T, :]
-    ok = (info == 0) & torch.isfinite(w).all(dim=(1, 2))
-    return w[..., 0], (None if linear is None else w[..., 1]), ok
+    dd = torch.cat([d, systems.one])
+    bordered = (F.pad(G, (0, 1, 0, 1)) + systems.border) * (dd[:, None] * dd)
+    matrices = torch.addcmul(systems.off[:count], systems.mask[:count], bordered)
+    solution, info = torch.linalg.solve_ex(matrices, rhs)
+    return solution[:, :T] * d[:, None], info == 0
 
 
 def _on_simplex(w: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
-    """Candidates clipped to the simplex, and which of them were feasible (to rounding)."""
-    valid = ok & (w >= -_NEGATIVE_TOLERANCE).all(1)
+    """Candidates (rows of ``w``) clipped to the simplex, and which of them were feasible (to rounding)."""
+    valid = ok & (w >= -_NEGATIVE_TOLERANCE).all(-1)
     w = w.clamp_min(0)
-    w = w / w.sum(1, keepdim=True)
-    return w, valid & torch.isfinite(w).all(1)
+    w = w / w.sum(-1, keepdim=True)
+    return w, valid & _finite(w).all(-1)
+
+
+def _quadratic(w: Tensor, G: Tensor) -> Tensor:
+    """``wₖᵀ G wₖ`` for every row."""
+    return ((w @ G) * w).sum(-1)
 
 
 def _lowest(candidates: Tensor, valid: Tensor, objective: Tensor) -> Tensor:
-    """The valid candidate with the lowest objective, chosen without a host read."""
-    objective = torch.where(valid & torch.isfinite(objective), objective, torch.full_like(objective, float("inf")))
+    """The valid candidate with the lowest objective, chosen without a host read. (A valid candidate
+    is a finite simplex point and G has entries of at most 1, so its objective is finite.)"""
+    objective = torch.where(valid, objective, float("inf"))
     return candidates.index_select(0, objective.argmin().view(1))[0]
 
 
@@ -116,12 +166,14 @@ def min_norm_weights_on_device(gram: Tensor) -> Tensor:
     :meth:`~lightning_moo.reducer.BucketReducer.check_step`).
     """
     _check_size(gram)
+    T = gram.shape[0]
     G, d, finite, has_gradient = _prepare(gram)
-    w0, _, ok = _face_solutions(G, d)
-    w, valid = _on_simplex(w0, ok)
-    best = _lowest(w, valid, torch.einsum("ki,ij,kj->k", w, G, w))
-    best = torch.where(has_gradient, best, torch.full_like(best, 1.0 / gram.shape[0]))
-    return torch.where(finite, best, torch.full_like(best, float("nan")))
+    systems = _systems(T, G.device)
+    w, ok = _solve(systems, 2**T - 1, G, d, systems.unit)
+    w, valid = _on_simplex(w[..., 0], ok)
+    best = _lowest(w, valid, _quadratic(w, G))
+    best = torch.where(has_gradient, best, 1.0 / T)
+    return torch.where(finite, best, float("nan"))
 
 
 def cagrad_weights_on_device(gram: Tensor, c: float) -> Tensor:
@@ -129,48 +181,46 @@ def cagrad_weights_on_device(gram: Tensor, c: float) -> Tensor:
     where ``gram`` lives; NaN for a non-finite Gram. See the module docstring."""
     _check_size(gram)
     T = gram.shape[0]
-    G, d, finite, has_gradient = _prepare(gram)
-    mean = torch.full((T,), 1.0 / T, dtype=torch.float64, device=G.device)
-    b = G @ mean  # ⟨g_t, g0⟩
-    r = c * (mean @ b).clamp_min(0).sqrt()  # c‖g0‖
-    w0, w1, ok = _face_solutions(G, d, b)
-    # w(α)ᵀG w(α) = r²α²:  qa α² + qb α + qc = 0.
-    qa = torch.einsum("ki,ij,kj->k", w1, G, w1) - r**2
-    qb = 2 * torch.einsum("ki,ij,kj->k", w0, G, w1)
-    qc = torch.einsum("ki,ij,kj->k", w0, G, w0)
-    root = (qb**2 - 4 * qa * qc).clamp_min(0).sqrt()
-    alphas = torch.stack([(-qb + root) / (2 * qa), (-qb - root) / (2 * qa), -qc / qb])
-    linear_case = qa.abs() <= 1e-12 * (qa.abs() + r**2)  # qa = 0: one root of the linear equation
-    usable = torch.stack([~linear_case, ~linear_case, linear_case]) & (alphas > 0) & torch.isfinite(alphas)
-    roots = w0[None] + alphas.nan_to_num(0.0)[..., None] * w1[None]
-    candidates = torch.cat([w0, roots.reshape(-1, T)])
-    candidates, valid = _on_simplex(candidates, torch.cat([ok, (usable & ok[None]).reshape(-1)]))
-    norm2 = torch.einsum("ki,ij,kj->k", candidates, G, candidates).clamp_min(0)
-    w = _lowest(candidates, valid, candidates @ b + r * norm2.sqrt())
+    K = 2**T - 1
+    G, d, finite, _ = _prepare(gram)  # no gradient: b = 0, so r = 0 and the weights are the mean
+    systems = _systems(T, G.device)
+    b = G.mean(1)  # ⟨g_t, g0⟩
+    r = c * b.mean().clamp_min(0).sqrt()  # c‖g0‖
+    # One batch: the KKT systems for w₀ (1ᵀw = 1) and w₁ (−b_S), the dual-cone systems (−(G·1/T)_S = −b_S).
+    minus_b = systems.neg_support * torch.cat([d * b, systems.zero])
+    W, ok = _solve(systems, 2 * K, G, d, torch.addcmul(systems.rhs, systems.rhs_column, minus_b[..., None]))
+    w0, w1 = W[:K, :, 0], W[:K, :, 1]
+    # w(α)ᵀG w(α) = r²α² with qa = w₁ᵀGw₁ − r², qb = 2 w₀ᵀGw₁, qc = w₀ᵀGw₀; α = 0 gives w₀ itself.
+    Q = W[:K].mT @ G @ W[:K]
+    qa, qb, qc = Q[:, 1, 1] - r * r, Q[:, 0, 1] + Q[:, 1, 0], Q[:, 0, 0]
+    root = (qb * qb - 4 * qa * qc).clamp_min(0).sqrt()
+    alphas = torch.cat([systems.zero_row, (systems.signs * root - qb) / (2 * qa), (-qc / qb)[None]])
+    candidates, valid = _on_simplex(w0 + alphas[..., None] * w1, ok[:K])  # non-finite roots are not feasible
+    candidates, valid = candidates.reshape(-1, T), valid.reshape(-1)
+    norm = _quadratic(candidates, G).clamp_min(0).sqrt()
+    w = _lowest(candidates, valid, candidates @ b + r * norm)
     s2 = w @ G @ w
     # A minimiser shorter than 1e-6 of the longest gradient, or whose squared norm is within 1e4
     # rounding errors of the Gram entries it comes from, is g_w = 0 (as the host solver decides).
-    noise = 1e4 * 64 * T * torch.finfo(torch.float64).eps * (w.abs() @ G.abs() @ w.abs())
+    noise = 1e4 * 64 * T * torch.finfo(torch.float64).eps * (w @ G.abs() @ w)  # w ≥ 0
     resolved = (s2 > 1e-12) & (s2 > noise)
-    s = s2.clamp_min(1e-300).sqrt()
-    moved = mean + (r / s) * w
-    weights = torch.where(resolved, moved, _dual_cone_projection(G, d, mean))
-    weights = torch.where(r > 0, weights, mean)
-    weights = torch.where(has_gradient, weights, mean)
-    return torch.where(finite, weights, torch.full_like(weights, float("nan")))
+    moved = (r / s2.clamp_min(1e-300).sqrt()) * w + 1.0 / T
+    weights = torch.where(resolved, moved, _dual_cone_projection(W[K:, :, 0], ok[K:], G))
+    weights = torch.where(r > 0, weights, 1.0 / T)
+    return torch.where(finite, weights, float("nan"))
 
 
-def _dual_cone_projection(G: Tensor, d: Tensor, u: Tensor) -> Tensor:
-    """``v = argmin_{v ≥ u} vᵀGv`` (the projection of ``Jᵀu`` onto the dual cone) by enumerating
-    the supports of ``y = v − u ≥ 0``: ``G_SS y_S = −(G u)_S``; plus ``y = 0``."""
+def _dual_cone_projection(y: Tensor, ok: Tensor, G: Tensor) -> Tensor:
+    """``v = argmin_{v ≥ u} vᵀGv`` for ``u = 1/T`` (the projection of ``g0`` onto the dual cone),
+    given every support's solution ``y`` of ``G_SS y_S = −(G u)_S``: the best of ``u + y`` and ``u``.
+
+    Unlike the simplex points above, ``v`` is unbounded: a support whose ``G_SS`` is singular but
+    not exactly so solves to enormous weights along the Gram's null space, whose objective is
+    pure rounding and can come out below the optimum's. Candidates are therefore ranked by an
+    upper bound of their objective, the computed value plus its rounding error bound."""
     T = G.shape[0]
-    S = _supports(T, G.device)
-    scaled = G * d[:, None] * d[None, :]
-    system = S[:, :, None] * S[:, None, :] * scaled + torch.diag_embed(1 - S)
-    rhs = (-S * d * (G @ u))[..., None]
-    solution, info = torch.linalg.solve_ex(system, rhs)
-    y = d * solution[..., 0]
-    valid = (info == 0) & torch.isfinite(y).all(1) & (y >= -_NEGATIVE_TOLERANCE).all(1)
-    v = torch.cat([u[None], u + y.clamp_min(0)])
-    valid = torch.cat([torch.ones(1, dtype=torch.bool, device=G.device), valid])
-    return _lowest(v, valid, torch.einsum("ki,ij,kj->k", v, G, v))
+    valid = ok & _finite(y).all(1) & (y >= -_NEGATIVE_TOLERANCE).all(1)
+    v = torch.cat([torch.full_like(y[:1], 1.0 / T), y.clamp_min(0) + 1.0 / T])
+    valid = torch.cat([torch.ones_like(valid[:1]), valid])
+    rounding = 64 * T * torch.finfo(torch.float64).eps * _quadratic(v, G.abs())  # v ≥ 0
+    return _lowest(v, valid, _quadratic(v, G) + rounding)
