@@ -15,9 +15,9 @@ and dtype round trip included) for T tasks, one Jacobian per repeat (median; thi
 and per step, and the same on every device since solvers work on a T×T CPU copy), consecutive
 steps on one instance so that stateful solvers run warm; ``weighting.weigh(losses, step)`` for the
 loss-based weightings (once per step, not per bucket), on random instances only. Part 2 times, for
-one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix and the weighted
-combination against the stock path (the mean of the T gradients), as ratios measured in the same
-run.
+one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix (of the bucket, and of
+each of its parameters, shaped as in a Llama layer) and the weighted combination against the stock
+path (the mean of the T gradients), as ratios measured in the same run.
 
 ``--on-device`` instead counts and times the solvers that solve on the gradients' device
 (``weights_on_device``: MGDA and CAGrad by enumeration, no host read), per bucket: the operators one
@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_moo.gram import combine, gram
+from lightning_moo.gram import combine, gram, piece_grams
 from lightning_moo.solvers import BUILTIN, MGDA, CAGrad
 
 SOLVERS = [cls for cls in BUILTIN if cls.__name__ != "Sum"]  # Sum costs what Mean does
@@ -105,6 +105,20 @@ def solver_table(family: str, tasks: list[int], repeats: int) -> tuple[list[str]
     return header, rows
 
 
+def llama_pieces(elements: int, hidden: int = 2048, mlp: int = 5632) -> list[tuple[int, int]]:
+    """Element ranges of the parameters of a bucket of ``elements`` filled with Llama layers (a norm,
+    four attention matrices, three MLP matrices, in turn), the last one cut where the bucket ends."""
+    sizes = [hidden] + [hidden * hidden] * 4 + [hidden * mlp] * 3
+    pieces, start = [], 0
+    while start < elements:
+        for size in sizes:
+            end = min(start + size, elements)
+            if start < end:
+                pieces.append((start, end))
+            start = end
+    return pieces
+
+
 def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats: int) -> tuple[list[str], list[list[str]]]:
     grads = torch.randn(T, elements, device=device, dtype=dtype)
     out = torch.empty(elements, device=device, dtype=dtype)
@@ -115,11 +129,16 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
     t_comb = median_time(lambda: combine(weights, grads, out=out), repeats, sync)
     t_both = median_time(lambda: combine(MGDA()(gram(grads)), grads, out=out), repeats, sync)
     t_gemm = median_time(lambda: grads @ grads.T, repeats, sync)
+    pieces = llama_pieces(elements)
+    t_pieces = median_time(lambda: piece_grams(grads, 0, pieces), repeats, sync)
+    t_each = median_time(lambda: [gram(grads[:, a:b]) for a, b in pieces], repeats, sync)
     header = ["operation", "time (ms)", "× stock mean"]
     rows = [
         ["stock: mean of T gradients", f"{1e3 * stock:.2f}", "1.00"],
         ["one plain GEMM grads @ grads.T (reference)", f"{1e3 * t_gemm:.2f}", f"{t_gemm / stock:.2f}"],
         ["Gram matrix (T×T)", f"{1e3 * t_gram:.2f}", f"{t_gram / stock:.2f}"],
+        [f"Grams of the {len(pieces)} parameters (what the exchanges compute)", f"{1e3 * t_pieces:.2f}", f"{t_pieces / stock:.2f}"],
+        ["the same, one gram() per parameter", f"{1e3 * t_each:.2f}", f"{t_each / stock:.2f}"],
         ["combine Σ w_t g_t", f"{1e3 * t_comb:.2f}", f"{t_comb / stock:.2f}"],
         ["Gram + MGDA + combine", f"{1e3 * t_both:.2f}", f"{t_both / stock:.2f}"],
     ]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .buckets import Segment, even_segments
-from .gram import combine, gram
+from .gram import combine, gram, piece_grams
 from .layout import LanguageLayout
 
 Solve = Callable[[Tensor], Tensor]
@@ -137,10 +137,10 @@ class AllGatherExchange(Exchange):
         flat = tensor.new_empty(world * rows.numel())
         dist.all_gather_into_tensor(flat, rows.reshape(-1), group=group)
         grads = flat.view(world * rows.shape[0], tensor.numel())
-        piece_grams = layout.language_grams(_piece_grams(grads, 0, pieces))
-        w = solve(piece_grams.sum(0))
+        grams = layout.language_grams(piece_grams(grads, 0, pieces))
+        w = solve(grams.sum(0))
         combine(layout.row_weights(w), grads, out=tensor)
-        return piece_grams, w
+        return grams, w
 
 
 class ShardedExchange(Exchange):
@@ -174,12 +174,12 @@ class ShardedExchange(Exchange):
         scratch, combined = work[:scratch_len], work[scratch_len:]
         mine = _gather_slices(rows, slices, group, tensor, out=scratch[: gathered * m].view(gathered, m))
         # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
-        piece_grams = layout.language_grams(_piece_grams(mine, slices[rank].start, pieces))
-        _sum_over_ranks(piece_grams, group)
-        w = solve(piece_grams.sum(0))
+        grams = layout.language_grams(piece_grams(mine, slices[rank].start, pieces))
+        _sum_over_ranks(grams, group)
+        w = solve(grams.sum(0))
         combine(layout.row_weights(w), mine, out=combined)
         _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
-        return piece_grams, w
+        return grams, w
 
     def _buffer(self, numel: int, like: Tensor) -> Tensor:
         ws = self._workspace
@@ -264,18 +264,6 @@ def _sum_over_ranks(partial: Tensor, group) -> None:
     """All-reduce ``partial`` in place; one rank (several languages on one GPU) holds the sum already."""
     if dist.get_world_size(group) > 1:
         dist.all_reduce(partial, group=group)
-
-
-def _piece_grams(columns: Tensor, first: int, pieces: Sequence[tuple[int, int]]) -> Tensor:
-    """P×T×T Grams of the parts of ``pieces`` (bucket element ranges) that fall in ``columns``, a T×m
-    block holding bucket elements ``[first, first + m)``; zero for pieces outside it."""
-    T, m = columns.shape
-    out = torch.zeros(len(pieces), T, T, dtype=torch.float64, device=columns.device)
-    for k, (start, end) in enumerate(pieces):
-        a, b = max(start, first), min(end, first + m)
-        if a < b:
-            out[k] = gram(columns[:, a - first : b - first])
-    return out
 
 
 EXCHANGES: dict[str, type[Exchange]] = {"allgather": AllGatherExchange, "sharded": ShardedExchange}

@@ -7,6 +7,7 @@ so bf16/fp16 gradients lose nothing extra in the inner products.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor
 
 
 _CHUNK = 1 << 22  # columns upcast at a time for bf16/fp16 gradients (16 MiB per task in fp32)
-_SPLIT_K_BLOCK = 1 << 16  # columns per block of the CUDA split-K Gram
+_SPLIT_K_BLOCK = 1 << 16  # columns per block of the batched CUDA Gram
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,9 +43,42 @@ def gram(grads: Tensor, out_dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def _gram_full_precision(grads: Tensor) -> Tensor:
-    if grads.is_cuda and grads.shape[1] >= 2 * _SPLIT_K_BLOCK:
-        return _gram_split_k(grads)
+    block = _block_size(grads)
+    if block:
+        return _blocked_piece_grams(grads, [(0, grads.shape[1])], block)[0]
     return grads @ grads.T
+
+
+def _block_size(columns: Tensor) -> int:
+    """Columns per block of the batched CUDA product for float32/float64 ``columns``, 0 for one GEMM:
+    a T×n by n×T product with n ≫ T runs on few SMs as one GEMM (measured 3.7× slower than the
+    batched product on an H200). CPU GEMMs need no such help."""
+    if columns.is_cuda and columns.dtype in (torch.float32, torch.float64) and columns.shape[1] >= 2 * _SPLIT_K_BLOCK:
+        return _SPLIT_K_BLOCK
+    return 0
+
+
+def piece_grams(columns: Tensor, first: int, pieces: Sequence[tuple[int, int]], block: int | None = None) -> Tensor:
+    """P×T×T float64 Grams of the parts of ``pieces`` (bucket element ranges, one per parameter) that
+    fall in ``columns``, a T×m block holding bucket elements ``[first, first + m)``; zero for pieces
+    outside it.
+
+    On CUDA (``block``: by default :func:`_block_size`) one batched product over all of ``columns``
+    gives the Gram of every block of columns, and each piece sums its whole blocks and adds the Grams
+    of its ragged ends: a product per parameter, a few million columns each, leaves most of the device
+    idle (the H200 profile in ``benchmarks/results/gpu_no_stall.md``: ~0.25 TB/s), one over the bucket
+    does not (the 5e7-element Gram in ``solver_speed_cuda_float32.md``: ~1.6 TB/s).
+    """
+    T, m = columns.shape
+    ranges = [(max(start, first) - first, min(end, first + m) - first) for start, end in pieces]
+    block = _block_size(columns) if block is None else block
+    if block:
+        return _blocked_piece_grams(columns, ranges, block).to(torch.float64)
+    out = torch.zeros(len(pieces), T, T, dtype=torch.float64, device=columns.device)
+    for k, (a, b) in enumerate(ranges):
+        if a < b:
+            out[k] = gram(columns[:, a:b])
+    return out
 
 
 @contextmanager
@@ -59,17 +93,27 @@ def _full_precision_cuda_matmul():
         flags.allow_tf32 = saved
 
 
-def _gram_split_k(grads: Tensor) -> Tensor:
-    """CUDA: a T×n by n×T product with n ≫ T runs on few SMs as one GEMM (measured 3.7× slower
-    than this on an H200); split n into blocks, one small GEMM per block in a batch (strided
-    views, no copy), then sum the block Grams."""
-    T, n = grads.shape
-    blocks = n // _SPLIT_K_BLOCK
-    head = grads[:, : blocks * _SPLIT_K_BLOCK].view(T, blocks, _SPLIT_K_BLOCK).transpose(0, 1)
+def _blocked_piece_grams(columns: Tensor, ranges: Sequence[tuple[int, int]], block: int) -> Tensor:
+    """:func:`piece_grams` through one batched product of ``block``-column blocks (strided views, no
+    copy), in ``columns``' dtype; ``ranges`` are column ranges of ``columns`` (empty: a zero Gram)."""
+    T, m = columns.shape
+    count = m // block
+    whole = columns[:, : count * block].view(T, count, block).transpose(0, 1)
+    out = torch.zeros(len(ranges), T, T, dtype=columns.dtype, device=columns.device)
     with _full_precision_cuda_matmul():
-        out = torch.bmm(head, head.transpose(1, 2)).sum(dim=0)
-        tail = grads[:, blocks * _SPLIT_K_BLOCK :]
-        return out + tail @ tail.T
+        block_grams = torch.bmm(whole, whole.transpose(1, 2))
+        for k, (a, b) in enumerate(ranges):
+            if a >= b:
+                continue
+            lo, hi = -(-a // block), min(b // block, count)  # the whole blocks inside [a, b)
+            ends = [(a, b)]
+            if lo < hi:
+                torch.sum(block_grams[lo:hi], dim=0, out=out[k])
+                ends = [(a, lo * block), (hi * block, b)]
+            for x, y in ends:
+                if x < y:
+                    out[k].addmm_(columns[:, x:y], columns[:, x:y].T)
+    return out
 
 
 def combine(weights: Tensor, grads: Tensor, out: Tensor | None = None) -> Tensor:

@@ -63,6 +63,27 @@ def test_shape_errors():
 @pytest.mark.parametrize("n", [64, 100, 129])
 def test_split_k_gram_matches_float64(n, monkeypatch):
     """The CUDA split-K path's arithmetic (strided block views + tail), run on the CPU."""
-    monkeypatch.setattr(kernels, "_SPLIT_K_BLOCK", 16)
     g = torch.randn(5, n, dtype=torch.float64)
-    torch.testing.assert_close(kernels._gram_split_k(g), g @ g.T)
+    torch.testing.assert_close(kernels._blocked_piece_grams(g, [(0, n)], 16)[0], g @ g.T)
+
+
+# Bucket element ranges of parameters against a slice holding elements [first, first + m): pieces
+# before, inside one block, across many blocks, ending in the slice's ragged tail, after, empty.
+PIECES = [(0, 10), (10, 14), (14, 15), (15, 41), (41, 90), (90, 137), (137, 200), (200, 200), (200, 260)]
+
+
+@pytest.mark.parametrize("first, m, block", [(0, 137, 8), (12, 150, 7), (40, 97, 16), (0, 260, 64), (30, 20, 8)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_piece_grams_through_one_batched_product_match_float64(first, m, block, dtype):
+    """The CUDA path (one product over the slice's blocks, whole blocks summed per piece, ragged ends
+    added) on the CPU, against each piece's Gram in float64 from the columns themselves."""
+    g = torch.randn(4, m, generator=torch.Generator().manual_seed(m)).to(dtype)
+    ref = torch.zeros(len(PIECES), 4, 4, dtype=torch.float64)
+    for k, (start, end) in enumerate(PIECES):
+        part = g.double()[:, max(start, first) - first : max(min(end, first + m) - first, 0)]
+        ref[k] = part @ part.T
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for block_size in (block, None):  # the batched product, and the CPU default (one GEMM per piece)
+        got = kernels.piece_grams(g, first, PIECES, block=block_size)
+        assert got.dtype == torch.float64 and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.abs().max()))
