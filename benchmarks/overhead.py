@@ -252,6 +252,14 @@ def _ratio(value: float, stock: float) -> str:
     return f"{value / stock:.2f}" if stock else "-"  # one rank: stock sends nothing
 
 
+def _step_ratio(runs: dict[str, list[dict]], name: str) -> str:
+    """The step time against the baseline's, round by round: the median ratio, and its range over several rounds."""
+    baseline = runs[CONFIGS[name].get("baseline", "stock ZeRO-2")]
+    ratios = sorted(r["step_s"] / b["step_s"] for r, b in zip(runs[name], baseline))
+    median = f"{statistics.median(ratios):.2f}"
+    return median if len(ratios) == 1 else f"{median} ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
@@ -262,6 +270,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the configurations this many times, interleaved (baseline, a, b, baseline, a, b, ...); "
+                             "report medians, and each configuration's ratio to its baseline of the same round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.md"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -284,18 +295,24 @@ def main() -> None:
         "| ranks | configuration | buckets | step (s) | × stock | MiB sent/step/rank | × stock | peak RSS (MiB) | Δ vs stock (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if args.rounds > 1:
+        lines[6:6] = [f"Every configuration ran {args.rounds} times, interleaved; step, bytes and RSS are medians over the rounds, "
+                      "the step's × stock is the median of each round's ratio to its own baseline, with the range over the rounds.", ""]
     for world in args.ranks:
-        results = {}
+        runs: dict[str, list[dict]] = {}
         baselines = ["stock ZeRO-2"] + [CONFIGS[n]["baseline"] for n in args.configs if "baseline" in CONFIGS[n]]
-        for name in dict.fromkeys(baselines + args.configs):  # baselines first, each once
-            config = CONFIGS[name]
-            if "solver" in config and world * config.get("languages_per_rank", 1) // config.get("ranks_per_language", 1) < 2:
-                continue  # a single language: nothing to combine
-            with tempfile.TemporaryDirectory() as tmp:
-                results[name] = launch(dict(common, **CONFIGS[name]), world, Path(tmp))
+        names = [name for name in dict.fromkeys(baselines + args.configs)  # baselines first, each once
+                 if not ("solver" in CONFIGS[name]  # a single language: nothing to combine
+                         and world * CONFIGS[name].get("languages_per_rank", 1) // CONFIGS[name].get("ranks_per_language", 1) < 2)]
+        for _ in range(args.rounds):
+            for name in names:
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs.setdefault(name, []).append(launch(dict(common, **CONFIGS[name]), world, Path(tmp)))
+        results = {name: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for name, rs in runs.items()}
+        for name in names:
             r, s = results[name], results[CONFIGS[name].get("baseline", "stock ZeRO-2")]
             line = (
-                f"| {world} | {name} | {r['buckets'] or '-'} | {r['step_s']:.3f} | {r['step_s'] / s['step_s']:.2f} | "
+                f"| {world} | {name} | {r['buckets'] or '-'} | {r['step_s']:.3f} | {_step_ratio(runs, name)} | "
                 f"{r['bytes_per_step'] / 2**20:.1f} | {_ratio(r['bytes_per_step'], s['bytes_per_step'])} | "
                 f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - s['peak_rss_mb']:+.0f} |"
             )

@@ -41,6 +41,15 @@ def test_solver_speed_counts_and_times_the_on_device_solvers(tmp_path):
     assert others > 0 and views >= 0 and float(rows[1][2]) > 0
 
 
+def test_overhead_pairs_each_round_with_its_own_baseline():
+    overhead = load("overhead")
+    steps = {"stock ZeRO-2": [1.0, 2.0, 1.0], "bucket MGDA sharded": [1.1, 2.0, 0.9]}
+    runs = {name: [{"step_s": t} for t in times] for name, times in steps.items()}
+    # Round ratios 1.1, 1.0, 0.9: the median of the medians (1.0 / 1.0) would hide the spread.
+    assert overhead._step_ratio(runs, "bucket MGDA sharded") == "1.00 (0.90–1.10)"
+    assert overhead._step_ratio({k: v[:1] for k, v in runs.items()}, "bucket MGDA sharded") == "1.10"
+
+
 def test_solver_speed_refuses_a_method_it_does_not_compare(capsys):
     with pytest.raises(SystemExit) as exit_:
         load("solver_speed").main(["--vs-torchjd", "--methods", "IMTLG", "IMTL"])
