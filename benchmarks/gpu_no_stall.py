@@ -25,7 +25,10 @@ the configuration started with (DeepSpeed keeps earlier engines alive); (c) a ``
 summary of two steps per configuration: device time, host time, the host time spent in
 synchronising calls, the operators and kernels that take the most device time beyond stock's, and
 the operators that take the most host time beyond ``Mean``'s. On CPU (a) and the device columns are "n/a".
-The last lines compare each solver's final parameters on device and on host. A configuration that
+The last lines compare each solver's final parameters on device and on host. Before training, two
+tables from ``solver_speed.py`` on the same device: the operators and time per on-device solve
+(``--on-device``), and one bucket's Gram, per-parameter Grams and combine against a stock mean
+(``--kernels-only`` runs just these). A configuration that
 fails is reported with its error and the rest still run; the report is rewritten after every
 configuration, so a run cut short keeps what it measured.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import shlex
@@ -299,6 +303,23 @@ def _beyond(done: dict, base_name: str, kind: str, title: str) -> list[str]:
     return lines
 
 
+def kernel_tables(cuda: bool, smoke: bool) -> str:
+    """``solver_speed.py``'s on-device solver table and one bucket's kernel table (T = 4, float32),
+    measured on this run's device, as markdown."""
+    spec = importlib.util.spec_from_file_location("solver_speed", Path(__file__).with_name("solver_speed.py"))
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    device = "cuda" if cuda else "cpu"
+    elements = 200_000 if smoke else FULL["bucket"]
+    tables = [
+        (f"On-device solvers: one call per bucket, hard-conflict Grams, median of {2 if smoke else 20}",
+         speed.on_device_table([2, 4] if smoke else [2, 4, 8, 12], 2 if smoke else 20, device)),
+        (f"One bucket: {elements:,} elements × T={LANGUAGES}, float32",
+         speed.kernel_table(elements, LANGUAGES, device, torch.float32, 2 if smoke else 5)),
+    ]
+    return "\n\n".join(f"### {title}\n\n{speed.markdown(*table)}" for title, table in tables) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few steps: checks the script runs")
@@ -306,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the markdown report here (after every configuration)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, default=CONFIGURATIONS, metavar="NAME",
                         help=f"run only these configurations, in this order (default: all of {CONFIGURATIONS})")
+    parser.add_argument("--kernels-only", action="store_true", help="only the solver and kernel tables, no training")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu
     if not cuda and not args.smoke:
@@ -316,8 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(key, value)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     command = shlex.join(["python", "benchmarks/gpu_no_stall.py", *(argv if argv is not None else sys.argv[1:])])
+    print("solver and kernel tables ...", flush=True)
+    kernels = kernel_tables(cuda, args.smoke)
+    text = kernels
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"Command: `{command}`\n\nDevice: {device}; torch {torch.__version__}.\n\n{kernels}")
     results = []
-    for i, name in enumerate(args.configs):
+    for i, name in enumerate([] if args.kernels_only else args.configs):
         started = time.perf_counter()
         print(f"[{i + 1}/{len(args.configs)}] {name} ...", flush=True)
         try:
@@ -334,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                               **({"error": r["error"]} if "error" in r else
                                  dict(step=r["step"], sync_reductions=r["in_reductions"].count,
                                       sync_backward=r["in_backward"].count, peak_gib=r["peak"])))), flush=True)
-        text = report(results, settings, device, command)
+        text = report(results, settings, device, command) + "\n" + kernels
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text)

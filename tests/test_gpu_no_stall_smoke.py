@@ -31,3 +31,7 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     # The device path trains what the host path trains (to rounding), for both solvers.
     diffs = [float(part.split()[0]) for part in out.read_text().split("max relative |Δθ| = ")[1:]]
     assert len(diffs) == 2 and max(diffs) < 1e-4
+    # The solver and kernel tables measured on the same device come with it.
+    text = out.read_text()
+    assert "### On-device solvers" in text and "| MGDA | operators per call" in text
+    assert "| Grams of the " in text and "| the same, one gram() per parameter |" in text
