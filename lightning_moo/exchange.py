@@ -173,7 +173,7 @@ class ShardedExchange(Exchange):
         work = self._buffer(scratch_len + m, tensor)
         scratch, combined = work[:scratch_len], work[scratch_len:]
         mine = _gather_slices(rows, slices, group, tensor, out=scratch[: gathered * m].view(gathered, m))
-        # Partial Grams of the pieces within this rank's slice; one all-reduce of P×T×T numbers.
+        # Partial Grams of the pieces within this rank's slice, summed over the ranks (P×T×T numbers).
         grams = layout.language_grams(piece_grams(mine, slices[rank].start, pieces))
         _sum_over_ranks(grams, group)
         w = solve(grams.sum(0))
@@ -261,9 +261,23 @@ def _gather_slices(rows: PieceRows, slices: Sequence[Segment], group, like: Tens
 
 
 def _sum_over_ranks(partial: Tensor, group) -> None:
-    """All-reduce ``partial`` in place; one rank (several languages on one GPU) holds the sum already."""
-    if dist.get_world_size(group) > 1:
+    """Sum ``partial`` (a few Grams) over the ranks, in place; one rank (several languages on one GPU)
+    holds the sum already.
+
+    On gloo the sum is an all-gather and a local sum: its ring all-reduce takes 2(N − 1) steps whose
+    cost is latency, not bytes, for so few numbers, an all-gather N − 1 (``overhead_zero2.md``, last
+    section). Every rank sums the same gathered partials in the same order, so all hold the same bits.
+    NCCL keeps its all-reduce, whose volume does not grow with N.
+    """
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    if dist.get_backend(group) != "gloo":
         dist.all_reduce(partial, group=group)
+        return
+    gathered = partial.new_empty(world, *partial.shape)
+    dist.all_gather_into_tensor(gathered.view(-1), partial.reshape(-1), group=group)
+    torch.sum(gathered, dim=0, out=partial)
 
 
 EXCHANGES: dict[str, type[Exchange]] = {"allgather": AllGatherExchange, "sharded": ShardedExchange}
