@@ -35,6 +35,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(target, world_size: int, out: Path, timeout: float = 180) -> None:
+    """Run ``target(rank, port, out)`` in ``world_size`` spawned processes, all given the same free
+    port for their gloo group on 127.0.0.1; fail if a rank fails or they are not all done within
+    ``timeout`` seconds (one deadline for all, so hung ranks fail the test instead of stalling it)."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [context.Process(target=target, args=(rank, port, str(out))) for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert [proc.exitcode for proc in procs] == [0] * world_size, "a rank failed or hung (its traceback is above)"
+
+
 def run_ranks(runs: list[dict], out: Path, world_size: int = 2, timeout: float = 240) -> dict[str, list[dict]]:
     """Run ``runs`` in ``world_size`` fresh processes; return ``{run name: [result of rank 0, 1, ...]}``."""
     scenario = out / "scenario.json"

@@ -3,9 +3,7 @@ rank's slice in place, whatever the slices' lengths, empty ones included (3 gloo
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import time
 from datetime import timedelta
 
 import launch
@@ -37,18 +35,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_every_rank_ends_with_every_slice(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    port = launch.free_port()
-    procs = [context.Process(target=_rank, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 180  # one deadline for all: hung ranks fail the test in 3 minutes
-    for proc in procs:
-        proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    assert [proc.exitcode for proc in procs] == [0] * WORLD, "a rank failed or hung (its traceback is above)"
+    launch.spawn_ranks(_rank, WORLD, tmp_path, timeout=180)
     for rank in range(WORLD):
         for n, tensor in zip(SIZES, torch.load(tmp_path / f"rank{rank}.pt")):
             assert torch.equal(tensor, torch.arange(n) + 0.5), (rank, n, tensor)

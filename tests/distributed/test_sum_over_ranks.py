@@ -4,9 +4,7 @@ and with the sum of the partials (3 gloo ranks, CPU)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import time
 from datetime import timedelta
 
 import launch
@@ -36,18 +34,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_every_rank_holds_the_same_sum(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    port = launch.free_port()
-    procs = [context.Process(target=_rank, args=(rank, port, str(tmp_path))) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 120  # one deadline for all: hung ranks fail the test in 2 minutes
-    for proc in procs:
-        proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    assert [proc.exitcode for proc in procs] == [0] * WORLD, "a rank failed or hung (its traceback is above)"
+    launch.spawn_ranks(_rank, WORLD, tmp_path, timeout=120)
     sums = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
     assert all(torch.equal(s, sums[0]) for s in sums), "the ranks hold different sums: they would solve differently"
     reference = sum(partial(rank).numpy() for rank in range(WORLD))  # rank order, as every rank sums
