@@ -65,9 +65,10 @@ def piece_grams(columns: Tensor, first: int, pieces: Sequence[tuple[int, int]], 
 
     On CUDA (``block``: by default :func:`_block_size`) one batched product over all of ``columns``
     gives the Gram of every block of columns, and each piece sums its whole blocks and adds the Grams
-    of its ragged ends: a product per parameter, a few million columns each, leaves most of the device
-    idle (the H200 profile in ``benchmarks/results/gpu_no_stall.md``: ~0.25 TB/s), one over the bucket
-    does not (the 5e7-element Gram in ``solver_speed_cuda_float32.md``: ~1.6 TB/s).
+    of its ragged ends. A product per parameter, a few million columns each, is the likely reason the
+    H200 profile in ``benchmarks/results/gpu_no_stall.md`` found the Grams at ~0.25 TB/s, where one
+    over a whole bucket ran at ~1.6 TB/s (``solver_speed_cuda_float32.md``); ``gpu_no_stall.py``
+    times both ways.
     """
     T, m = columns.shape
     ranges = [(max(start, first) - first, min(end, first + m) - first) for start, end in pieces]
