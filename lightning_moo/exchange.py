@@ -177,8 +177,13 @@ class ShardedExchange(Exchange):
         grams = layout.language_grams(piece_grams(mine, slices[rank].start, pieces))
         _sum_over_ranks(grams, group)
         w = solve(grams.sum(0))
-        combine(layout.row_weights(w), mine, out=combined)
-        _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
+        if world == 1 and _tiles(segments, tensor.numel()):
+            # One rank owns the whole bucket, and ``mine`` holds copies of its rows: combine straight
+            # into it (the same kernel and bits) instead of into the workspace and then copying.
+            combine(layout.row_weights(w), mine, out=tensor)
+        else:
+            combine(layout.row_weights(w), mine, out=combined)
+            _send_to_owners(tensor, combined, slices, segments, rank, group, scratch)
         return grams, w
 
     def _buffer(self, numel: int, like: Tensor) -> Tensor:
@@ -230,6 +235,16 @@ def _send_to_owners(
     for start, n in (piece for per_source in incoming for piece in per_source):
         tensor[start : start + n].copy_(recv[offset : offset + n])
         offset += n
+
+
+def _tiles(segments: Sequence[Segment], numel: int) -> bool:
+    """Whether ``segments`` cover ``[0, numel)`` exactly, each element once."""
+    end = 0
+    for seg in sorted(segments, key=lambda seg: seg.start):
+        if seg.start != end:
+            return False
+        end += seg.length
+    return end == numel
 
 
 def _combined_where_owned(segments: Sequence[Segment], slices: Sequence[Segment]) -> bool:

@@ -48,3 +48,17 @@ def test_one_rank_combines_without_a_collective(one_rank, languages):
     np.testing.assert_allclose(tensor.numpy(), weights @ rows, rtol=1e-12)
     assert torch.equal(w, torch.tensor(weights))
 
+
+
+def test_one_rank_leaves_what_no_segment_owns(one_rank):
+    """Elements outside every segment keep the rank's own gradient (as on several ranks, where an
+    exchange writes only the elements this rank owns); the owned ones get the combination."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((2, 30))
+    weights = np.array([0.25, 0.75])
+    tensor = torch.tensor(rows[-1])
+    ShardedExchange().reduce(tensor, (Segment(0, 12, 0), Segment(20, 10, 0)), [(0, 30)], lambda gram: torch.tensor(weights),
+                             LanguageLayout.build(2, 1), others=torch.tensor(rows[:-1]))
+    owned = np.r_[0:12, 20:30]
+    np.testing.assert_allclose(tensor.numpy()[owned], (weights @ rows)[owned], rtol=1e-12)
+    assert np.array_equal(tensor.numpy()[12:20], rows[-1, 12:20])
