@@ -23,7 +23,8 @@ path (the mean of the T gradients), as ratios measured in the same run.
 (``weights_on_device``: MGDA and CAGrad by enumeration, no host read), per bucket: the operators one
 call dispatches (on CUDA each non-view operator is a kernel launch the host pays for while the
 backward waits for its own launches) and the host time of one call; with ``--device cuda`` also the
-time until its kernels have finished.
+time until its kernels have finished, and both for the call captured once as a CUDA graph and
+replayed (the fix to try if launches still dominate).
 
 ``--vs-torchjd`` (needs ``pip install -e .[bench]``) instead times, on the same J, what an update
 costs each library: ours ``w = solver(J @ J.T); w @ J``, TorchJD's ``aggregator(J)`` (which forms
@@ -168,7 +169,8 @@ class OperatorCount(TorchDispatchMode):
 
 def on_device_table(tasks: list[int], repeats: int, device: str) -> tuple[list[str], list[list[str]]]:
     """Per on-device solver and T: operators per call (non-view + view), host µs per call, and on
-    CUDA µs until the call's kernels finish; medians over ``repeats`` hard-conflict Grams."""
+    CUDA µs until the call's kernels finish, and the same for the call captured as a CUDA graph;
+    medians over ``repeats`` hard-conflict Grams."""
     from lightning_moo.solvers.on_device import MAX_TASKS
 
     tasks = [T for T in tasks if T <= MAX_TASKS]
@@ -177,27 +179,64 @@ def on_device_table(tasks: list[int], repeats: int, device: str) -> tuple[list[s
     header = ["solver", "measure"] + [f"T={T}" for T in tasks]
     rows = []
     for name, solver in (("MGDA", MGDA()), ("CAGrad(c=0.5)", CAGrad(c=0.5))):
-        ops, host, done = [], [], []
+        ops, host, done, graphs = [], [], [], []
         for T in tasks:
             grams = [(J @ J.T).to(device) for J in (jacobian("hard-conflict", T, s) for s in range(repeats))]
             solver.weights_on_device(grams[0])  # builds the systems' constants once per T and device
             with OperatorCount() as count:
                 solver.weights_on_device(grams[0])
             ops.append(f"{count.others} + {count.views}")
-            launch, finish = [], []
-            for G in grams:
-                sync()
-                start = time.perf_counter()
-                solver.weights_on_device(G)
-                launch.append(time.perf_counter() - start)
-                sync()
-                finish.append(time.perf_counter() - start)
-            host.append(f"{1e6 * statistics.median(launch):.0f}")
-            done.append(f"{1e6 * statistics.median(finish):.0f}")
+            launch, finish = _timed(solver.weights_on_device, grams, sync)
+            host.append(f"{1e6 * launch:.0f}")
+            done.append(f"{1e6 * finish:.0f}")
+            if cuda:
+                graphs.append(_graph_cell(solver.weights_on_device, grams, sync))
         rows += [[name, "operators per call (non-view + view)", *ops], [name, "host µs per call", *host]]
         if cuda:
-            rows.append([name, "µs until its kernels finish", *done])
+            rows += [[name, "µs until its kernels finish", *done],
+                     [name, "as a CUDA graph: host µs / µs until finished per call", *graphs]]
     return header, rows
+
+
+def _timed(call, grams: list[torch.Tensor], sync) -> tuple[float, float]:
+    """Median seconds of ``call(G)`` on the host, and until its kernels have finished, over ``grams``."""
+    launch, finish = [], []
+    for G in grams:
+        sync()
+        start = time.perf_counter()
+        call(G)
+        launch.append(time.perf_counter() - start)
+        sync()
+        finish.append(time.perf_counter() - start)
+    return statistics.median(launch), statistics.median(finish)
+
+
+def _graph_cell(solve, grams: list[torch.Tensor], sync) -> str:
+    """``solve`` captured once as a CUDA graph, then per call: the Gram copied into the captured
+    input, a replay, the output cloned (what the library would pay per bucket if it adopted graphs).
+    Whether the replays give the eager call's bits; a capture that fails says why."""
+    try:
+        static_in = grams[0].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # outside the capture: library handles, workspaces, cached constants
+                solve(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = solve(static_in)
+
+        def replay(gram: torch.Tensor) -> torch.Tensor:
+            static_in.copy_(gram)
+            graph.replay()
+            return static_out.clone()
+
+        same = all(torch.equal(replay(G), solve(G)) for G in grams)
+        launch, finish = _timed(replay, grams, sync)
+    except Exception as error:  # reported in the table: the eager rows stand on their own
+        return f"capture failed ({type(error).__name__}: {str(error)[:80]})".replace("|", "/")
+    return f"{1e6 * launch:.0f} / {1e6 * finish:.0f}" + ("" if same else " (other bits than eager)")
 
 
 #: The methods both libraries have, as the tables label them (hyperparameters in brackets).

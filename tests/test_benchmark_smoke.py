@@ -39,6 +39,11 @@ def test_solver_speed_counts_and_times_the_on_device_solvers(tmp_path):
     assert all(len(r) == 3 for r in rows), "T = 13 is beyond enumeration and must be left out"
     others, views = (int(n) for n in rows[0][2].split("+"))
     assert others > 0 and views >= 0 and float(rows[1][2]) > 0
+    if not torch.cuda.is_available():  # a capture that fails is reported in its cell, not raised
+        from lightning_moo.solvers import MGDA
+
+        cell = bench._graph_cell(MGDA().weights_on_device, [torch.eye(3, dtype=torch.float64)], lambda: None)
+        assert cell.startswith("capture failed (")
 
 
 def test_overhead_pairs_each_round_with_its_own_baseline():
