@@ -80,8 +80,10 @@ class BucketReducer:
         ``bucket``; ``others`` [m - 1, n]: its other languages' rows); return the weights."""
 
         on_device = self._solves_on_device(tensor)
+        solved: list[Tensor] = []  # the bucket's Gram as the exchange summed it for the solver
 
         def solve(gram: Tensor) -> Tensor:
+            solved.append(gram)
             if on_device:  # NaN weights for a non-finite Gram; check_step raises or skips after the backward
                 self.solver.bucket, self.solver.step = bucket.index, self.step
                 return self.solver.weights_on_device(gram).to(gram.dtype)
@@ -94,7 +96,7 @@ class BucketReducer:
         if on_device:
             self._unchecked.append((bucket, piece_grams))
             self.buckets[bucket.index] = BucketInfo(  # on the device until check_step
-                bucket.index, bucket.params, tensor.numel(), piece_grams.sum(0), w.detach(), self.step, piece_grams
+                bucket.index, bucket.params, tensor.numel(), solved[0], w.detach(), self.step, piece_grams
             )
         elif self._skipped:
             self.buckets = {}
