@@ -9,8 +9,8 @@ partition of a reduced bucket.
 - :class:`AllGatherExchange` (the paper's way, the reference): every rank gathers the whole bucket
   of every language, so it sends (T-1)× the bucket and holds T buckets at once.
 - :class:`ShardedExchange` (default): an all-to-all hands rank r the r-th 1/N slice of the bucket
-  from every language (the volume of a reduce-scatter), partial Grams are summed by an all-reduce
-  of T×T numbers, rank r combines its slice, and a second all-to-all sends the combined elements
+  from every language (the volume of a reduce-scatter), partial Grams (T×T numbers) are summed
+  over the ranks, rank r combines its slice, and a second all-to-all sends the combined elements
   to the ranks that own them (at most 1/N of the bucket). Together no more than the all-reduce
   of stock data parallelism; a reused workspace of about 1 + 1/N buckets; the work is balanced
   over the ranks.
@@ -133,9 +133,9 @@ class AllGatherExchange(Exchange):
     ) -> tuple[Tensor, Tensor]:
         world = dist.get_world_size(group)
         rows = PieceRows.of(tensor, others).dense(tensor)
-        # gloo's all_gather_into_tensor wants one flat output of world × n elements.
+        # gloo's all-gather into one tensor wants one flat output of world × n elements.
         flat = tensor.new_empty(world * rows.numel())
-        dist.all_gather_into_tensor(flat, rows.reshape(-1), group=group)
+        _all_gather_single(flat, rows.reshape(-1), group=group)
         grads = flat.view(world * rows.shape[0], tensor.numel())
         grams = layout.language_grams(piece_grams(grads, 0, pieces))
         w = solve(grams.sum(0))
@@ -144,7 +144,7 @@ class AllGatherExchange(Exchange):
 
 
 class ShardedExchange(Exchange):
-    """Even slices to every rank, partial Grams, an all-reduce of T×T numbers, combined slices to their owners."""
+    """Even slices to every rank, partial Grams, their sum over the ranks (T×T numbers), combined slices to their owners."""
 
     def __init__(self) -> None:
         # One workspace reused by every bucket: fresh buffers per bucket leave the CPU allocator
@@ -279,10 +279,11 @@ def _sum_over_ranks(partial: Tensor, group) -> None:
     """Sum ``partial`` (a few Grams) over the ranks, in place; one rank (several languages on one GPU)
     holds the sum already.
 
-    On gloo the sum is an all-gather and a local sum: its ring all-reduce takes 2(N − 1) steps whose
-    cost is latency, not bytes, for so few numbers, an all-gather N − 1 (``overhead_zero2.md``, last
-    section). Every rank sums the same gathered partials in the same order, so all hold the same bits.
-    NCCL keeps its all-reduce, whose volume does not grow with N.
+    On gloo every rank sends its partial to every other in one all-to-all and sums what it received:
+    for so few numbers the cost is latency, not bytes, and gloo's all-to-all posts all its transfers
+    at once (one round), where its ring all-gather takes N − 1 rounds and its ring all-reduce 2(N − 1)
+    (``overhead_zero2.md``, last sections). Every rank sums the same partials in rank order, so all hold
+    the same bits. NCCL keeps its all-reduce, whose volume does not grow with N.
     """
     world = dist.get_world_size(group)
     if world == 1:
@@ -290,10 +291,15 @@ def _sum_over_ranks(partial: Tensor, group) -> None:
     if dist.get_backend(group) != "gloo":
         dist.all_reduce(partial, group=group)
         return
+    flat = partial.reshape(1, -1)
     gathered = partial.new_empty(world, *partial.shape)
-    dist.all_gather_into_tensor(gathered.view(-1), partial.reshape(-1), group=group)
+    dist.all_to_all_single(gathered.view(-1), flat.expand(world, -1).contiguous().view(-1), group=group)
     torch.sum(gathered, dim=0, out=partial)
 
+
+def _all_gather_single(output: Tensor, input: Tensor, group) -> None:
+    """torch 2.13 renamed ``all_gather_into_tensor`` (deprecated since) to ``all_gather_single``."""
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
 
 EXCHANGES: dict[str, type[Exchange]] = {"allgather": AllGatherExchange, "sharded": ShardedExchange}
 

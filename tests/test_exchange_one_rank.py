@@ -18,8 +18,9 @@ def one_rank(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a collective was called on one rank")
 
-    for name in ("all_to_all_single", "all_reduce", "all_gather_into_tensor"):
-        monkeypatch.setattr(dist, name, refuse)
+    for name in ("all_to_all_single", "all_reduce", "all_gather_into_tensor", "all_gather_single"):
+        if hasattr(dist, name):
+            monkeypatch.setattr(dist, name, refuse)
     try:
         yield
     finally:

@@ -1,5 +1,5 @@
 """The sharded exchange's sum of the partial Grams over the ranks (``exchange._sum_over_ranks``): on
-gloo an all-gather and a local sum. Every rank must end with the same bits (each solves on its own)
+gloo an all-to-all of the partials and a local sum. Every rank must end with the same bits (each solves on its own)
 and with the sum of the partials (3 gloo ranks, CPU)."""
 
 from __future__ import annotations
