@@ -10,6 +10,10 @@ rank (three gradients stashed, the fourth backpropagated into the buckets), on r
 Configurations, each in a fresh Trainer of the same process:
 
 - ``stock``: stock DeepSpeed, one backward of the mean of the four languages' losses;
+- ``stock, a backward per language``: stock DeepSpeed backpropagating each language's quarter of
+  that mean on its own, four backward passes into the same gradients (ZeRO-2 reduces the buckets
+  after each: four reductions a step, where ours reduce once): what per-language backward passes
+  cost without any of our code;
 - ``Mean``: our strategy with ``Mean``: the same four backward passes as the MOO runs, so
   ``× Mean`` isolates what the solver and its synchronisation cost;
 - ``MGDA on device``: MGDA solved on the GPU by enumeration (the default on CUDA for T ≤ 12);
@@ -66,7 +70,8 @@ SMOKE = dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers
                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64),
              batch=2, seq=32, warmup=3, timed=2, bucket=4000)
 LANGUAGES = 4
-CONFIGURATIONS = ["stock", "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
+PER_LANGUAGE = "stock, a backward per language"
+CONFIGURATIONS = ["stock", PER_LANGUAGE, "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense")
 
 
@@ -102,15 +107,16 @@ class SyncWatch:
 
 
 class RandomLlama(pl.LightningModule):
-    """Four languages on one rank: a random batch each, the first three stashed (MOO) or all four in
-    one mean loss (stock). ``self.watch`` wraps each backward (by default it does nothing)."""
+    """Four languages on one rank: a random batch each, the first three stashed (MOO), all four in
+    one mean loss (``backward="mean"``, stock) or each quarter of it backpropagated on its own
+    (``backward="each"``, stock). ``self.watch`` wraps each backward (by default it does nothing)."""
 
-    def __init__(self, model: dict, batch: int, seq: int, stock: bool, device: str) -> None:
+    def __init__(self, model: dict, batch: int, seq: int, backward: str, device: str) -> None:
         super().__init__()
         torch.manual_seed(0)
         with torch.device(device):  # a 1B model initialises in seconds on the GPU, in a minute on the CPU
             self.model = LlamaForCausalLM(LlamaConfig(**model))
-        self.batch, self.seq, self.stock = batch, seq, stock
+        self.batch, self.seq, self.backward_mode = batch, seq, backward
         self.vocab = model["vocab_size"]
         self.automatic_optimization = False
         self.watch = contextlib.nullcontext
@@ -126,8 +132,13 @@ class RandomLlama(pl.LightningModule):
     def training_step(self, _, batch_idx):
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        if self.stock:
+        if self.backward_mode == "mean":
             loss = torch.stack([self._loss(t) for t in range(LANGUAGES)]).mean()
+        elif self.backward_mode == "each":
+            for t in range(LANGUAGES - 1):
+                with self.watch():
+                    self.manual_backward(self._loss(t) / LANGUAGES)
+            loss = self._loss(LANGUAGES - 1) / LANGUAGES
         else:
             for t in range(LANGUAGES - 1):
                 loss = self._loss(t)
@@ -201,7 +212,7 @@ def deepspeed_config(bucket: int) -> dict:
 
 
 def train(name: str, settings: dict, cuda: bool) -> dict:
-    stock = name == "stock"
+    stock = name in ("stock", PER_LANGUAGE)
     solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
                "CAGrad on device": (CAGrad(c=0.4), True), "CAGrad on host": (CAGrad(c=0.4), False)}
     config = deepspeed_config(settings["bucket"])
@@ -211,7 +222,8 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
         solver, on_device = solvers[name]
         strategy = BucketMOOStrategy(solver=solver, languages=LANGUAGES, on_device=on_device, config=config)
     held = torch.cuda.memory_allocated() if cuda else 0  # what earlier configurations left (DeepSpeed keeps engines alive)
-    module = RandomLlama(settings["model"], settings["batch"], settings["seq"], stock, "cuda" if cuda else "cpu")
+    backward = {"stock": "mean", PER_LANGUAGE: "each"}.get(name, "stash")
+    module = RandomLlama(settings["model"], settings["batch"], settings["seq"], backward, "cuda" if cuda else "cpu")
     measure = Measure(settings["warmup"], settings["timed"], cuda)
     steps = settings["warmup"] + settings["timed"] + 2
     pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy, precision=settings["precision"],
@@ -285,6 +297,8 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
     lines += [f"- {r['name']}: {r['profile']['top']}" for r in done.values()]
     lines += _beyond(done, "stock", "on_device", "Where the extra device time goes: the operators and kernels with the "
                      "most self device time beyond stock's over the two profiled steps (ms more than stock):")
+    lines += _beyond(done, PER_LANGUAGE, "on_device", "The same beyond stock's with a backward per language (what "
+                     "remains once the backward passes themselves are paid for):")
     lines += _beyond(done, "Mean", "on_host", "Where the solvers' extra host time goes: the operators with the most self "
                      "host time beyond Mean's over the two profiled steps (ms more than Mean; Python run inside an "
                      "operator, such as the bucket hook inside AccumulateGrad, counts as its self time):")
@@ -296,7 +310,7 @@ def _beyond(done: dict, base_name: str, kind: str, title: str) -> list[str]:
     if base_name not in done or not done[base_name]["profile"][kind]:
         return []
     base, lines = done[base_name]["profile"][kind], ["", title, ""]
-    for r in (r for r in done.values() if r["name"] not in ("stock", base_name)):
+    for r in (r for r in done.values() if r["name"] not in ("stock", PER_LANGUAGE, base_name)):
         extra = {k: v - base.get(k, 0.0) for k, v in r["profile"][kind].items()}
         top = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:6]
         lines.append(f"- {r['name']}: " + "; ".join(f"`{k[:60]}` +{v:.1f}" for k, v in top))
