@@ -161,9 +161,9 @@ class BucketMOODDPStrategy(LanguageLosses, SolverStateInCheckpoints, AtomicCheck
 
     Args:
         solver: any :class:`~lightning_moo.solvers.MOOSolver`; default MGDA. ``Mean`` reproduces stock DDP.
-        exchange: ``"sharded"`` (an all-to-all of slices, a T×T all-reduce, an all-gather of the
-            combined slices: the volume of DDP's all-reduce) or ``"allgather"`` (every rank gathers
-            every language's bucket; the reference).
+        exchange: ``"sharded"`` (an all-to-all of slices, a sum of the T×T Grams over the ranks, an
+            all-gather of the combined slices: the volume of DDP's all-reduce) or ``"allgather"``
+            (every rank gathers every language's bucket; the reference).
         languages: number of languages (or their names); must equal the world size.
         target_buckets: about this many buckets per step: ``bucket_cap_mb`` becomes the trainable
             parameters' size divided by it (replacing any ``bucket_cap_mb`` given). A run with fewer
