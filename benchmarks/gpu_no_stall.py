@@ -1,4 +1,4 @@
-"""Does bucket-level MOO stall the GPU? One run on one GPU (about 6 minutes on an H200: benchmarks/results/gpu_no_stall.md).
+"""Does bucket-level MOO stall the GPU? One run on one GPU (5.5 minutes on an H200 with six of its seven configurations: benchmarks/results/gpu_no_stall.md).
 
     python benchmarks/gpu_no_stall.py --out benchmarks/results/gpu_no_stall.md
     python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # a tiny model (CPU: ~1 minute)
