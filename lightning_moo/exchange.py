@@ -279,11 +279,13 @@ def _sum_over_ranks(partial: Tensor, group) -> None:
     """Sum ``partial`` (a few Grams) over the ranks, in place; one rank (several languages on one GPU)
     holds the sum already.
 
-    On gloo every rank sends its partial to every other in one all-to-all and sums what it received:
-    for so few numbers the cost is latency, not bytes, and gloo's all-to-all posts all its transfers
-    at once (one round), where its ring all-gather takes N − 1 rounds and its ring all-reduce 2(N − 1)
-    (``overhead_zero2.md``, last sections). Every rank sums the same partials in rank order, so all hold
-    the same bits. NCCL keeps its all-reduce, whose volume does not grow with N.
+    On gloo every rank gathers every rank's partial and sums them locally in rank order, so all hold
+    the same bits. For so few numbers the cost is latency, not bytes: gloo's ring all-reduce takes
+    2(N − 1) rounds, its ring all-gather N − 1, its all-to-all one (it posts every transfer before
+    waiting for any). From 3 ranks on the partials go by all-to-all (4 ranks: 0.97–0.99× stock ZeRO-2
+    against 1.02–1.03× with the all-gather); at 2 ranks, where both take one round, the all-gather
+    measured ~0.02× faster (``overhead_zero2.md``, last section). NCCL keeps its all-reduce, whose
+    volume does not grow with N.
     """
     world = dist.get_world_size(group)
     if world == 1:
@@ -291,9 +293,12 @@ def _sum_over_ranks(partial: Tensor, group) -> None:
     if dist.get_backend(group) != "gloo":
         dist.all_reduce(partial, group=group)
         return
-    flat = partial.reshape(1, -1)
     gathered = partial.new_empty(world, *partial.shape)
-    dist.all_to_all_single(gathered.view(-1), flat.expand(world, -1).contiguous().view(-1), group=group)
+    if world == 2:
+        _all_gather_single(gathered.view(-1), partial.reshape(-1), group=group)
+    else:
+        every = partial.reshape(1, -1).expand(world, -1).contiguous()
+        dist.all_to_all_single(gathered.view(-1), every.view(-1), group=group)
     torch.sum(gathered, dim=0, out=partial)
 
 
