@@ -212,7 +212,8 @@ def deepspeed_config(bucket: int) -> dict:
 
 
 def train(name: str, settings: dict, cuda: bool) -> dict:
-    stock = name in ("stock", PER_LANGUAGE)
+    backward = {"stock": "mean", PER_LANGUAGE: "each"}.get(name, "stash")  # "stash": through our strategy
+    stock = backward != "stash"
     solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
                "CAGrad on device": (CAGrad(c=0.4), True), "CAGrad on host": (CAGrad(c=0.4), False)}
     config = deepspeed_config(settings["bucket"])
@@ -222,7 +223,6 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
         solver, on_device = solvers[name]
         strategy = BucketMOOStrategy(solver=solver, languages=LANGUAGES, on_device=on_device, config=config)
     held = torch.cuda.memory_allocated() if cuda else 0  # what earlier configurations left (DeepSpeed keeps engines alive)
-    backward = {"stock": "mean", PER_LANGUAGE: "each"}.get(name, "stash")
     module = RandomLlama(settings["model"], settings["batch"], settings["seq"], backward, "cuda" if cuda else "cpu")
     measure = Measure(settings["warmup"], settings["timed"], cuda)
     steps = settings["warmup"] + settings["timed"] + 2

@@ -306,6 +306,7 @@ def _all_gather_single(output: Tensor, input: Tensor, group) -> None:
     """torch 2.13 renamed ``all_gather_into_tensor`` (deprecated since) to ``all_gather_single``."""
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
 
+
 EXCHANGES: dict[str, type[Exchange]] = {"allgather": AllGatherExchange, "sharded": ShardedExchange}
 
 
