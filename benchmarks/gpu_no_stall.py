@@ -1,4 +1,4 @@
-"""Does bucket-level MOO stall the GPU? One run on one GPU (5.5 minutes on an H200 with six of its seven configurations: benchmarks/results/gpu_no_stall.md).
+"""Does bucket-level MOO stall the GPU? One run on one GPU (5.5 minutes on an H200 with six of its eight configurations: benchmarks/results/gpu_no_stall.md).
 
     python benchmarks/gpu_no_stall.py --out benchmarks/results/gpu_no_stall.md
     python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # a tiny model (CPU: ~1 minute)
@@ -14,6 +14,12 @@ Configurations, each in a fresh Trainer of the same process:
   that mean on its own, four backward passes into the same gradients (ZeRO-2 reduces the buckets
   after each: four reductions a step, where ours reduce once): what per-language backward passes
   cost without any of our code;
+- ``stock, four backward passes, three discarded``: stock DeepSpeed where the first three languages'
+  gradients are computed as ``stash_gradient`` computes them (``torch.autograd.grad``, which
+  DeepSpeed does not see) and then dropped, the fourth backpropagated into stock's reduction: not a
+  training method, a timing floor. Ours runs exactly these four backward passes and one reduction a
+  step, so what it costs beyond this row is what our code adds (holding, copying, the Grams, the
+  solve and the combination);
 - ``Mean``: our strategy with ``Mean``: the same four backward passes as the MOO runs, so
   ``× Mean`` isolates what the solver and its synchronisation cost;
 - ``MGDA on device``: MGDA solved on the GPU by enumeration (the default on CUDA for T ≤ 12);
@@ -24,8 +30,9 @@ It reports (a) synchronisations: ``torch.cuda.set_sync_debug_mode("warn")`` is o
 ``average_tensor`` (our hook, or stock's own) runs in one untimed step and, in the next, while each
 backward runs (the stashed languages' too); every warning is counted, and where in the
 Python code each came from is listed; (b) the median step time over the timed steps, as
-ratios against ``stock`` and ``Mean`` measured in the same invocation, and the peak memory above what
-the configuration started with (DeepSpeed keeps earlier engines alive); (c) a ``torch.profiler``
+ratios against ``stock``, ``Mean`` and the timing floor (four backward passes) measured in the same
+invocation, and the peak memory above what the configuration started with (DeepSpeed keeps earlier
+engines alive); (c) a ``torch.profiler``
 summary of two steps per configuration: device time, host time, the host time spent in
 synchronising calls, the operators and kernels that take the most device time beyond stock's, and
 the operators that take the most host time beyond ``Mean``'s. On CPU (a) and the device columns are "n/a".
@@ -60,6 +67,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_moo import _compat
 from lightning_moo.solvers import CAGrad, MGDA, Mean
 from lightning_moo.strategies import BucketMOOStrategy, StockDeepSpeedStrategy
 
@@ -71,7 +79,9 @@ SMOKE = dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers
              batch=2, seq=32, warmup=3, timed=2, bucket=4000)
 LANGUAGES = 4
 PER_LANGUAGE = "stock, a backward per language"
-CONFIGURATIONS = ["stock", PER_LANGUAGE, "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
+DISCARDED = "stock, four backward passes, three discarded"
+STOCK = ("stock", PER_LANGUAGE, DISCARDED)  # no code of ours on the reduction path
+CONFIGURATIONS = ["stock", PER_LANGUAGE, DISCARDED, "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense")
 
 
@@ -108,8 +118,9 @@ class SyncWatch:
 
 class RandomLlama(pl.LightningModule):
     """Four languages on one rank: a random batch each, the first three stashed (MOO), all four in
-    one mean loss (``backward="mean"``, stock) or each quarter of it backpropagated on its own
-    (``backward="each"``, stock). ``self.watch`` wraps each backward (by default it does nothing)."""
+    one mean loss (``backward="mean"``, stock), each quarter of it backpropagated on its own
+    (``backward="each"``, stock), or the first three languages' gradients computed unseen by
+    DeepSpeed and dropped (``backward="discard"``, stock: the timing floor). ``self.watch`` wraps each backward (by default it does nothing)."""
 
     def __init__(self, model: dict, batch: int, seq: int, backward: str, device: str) -> None:
         super().__init__()
@@ -139,6 +150,13 @@ class RandomLlama(pl.LightningModule):
                 with self.watch():
                     self.manual_backward(self._loss(t) / LANGUAGES)
             loss = self._loss(LANGUAGES - 1) / LANGUAGES
+        elif self.backward_mode == "discard":
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for t in range(LANGUAGES - 1):
+                loss = self._loss(t)
+                with self.watch(), _compat.invisible_to_engine(self.trainer.strategy.deepspeed_engine):
+                    torch.autograd.grad(loss, params)  # as stash_gradient computes it, then dropped
+            loss = self._loss(LANGUAGES - 1)
         else:
             for t in range(LANGUAGES - 1):
                 loss = self._loss(t)
@@ -212,7 +230,7 @@ def deepspeed_config(bucket: int) -> dict:
 
 
 def train(name: str, settings: dict, cuda: bool) -> dict:
-    backward = {"stock": "mean", PER_LANGUAGE: "each"}.get(name, "stash")  # "stash": through our strategy
+    backward = {"stock": "mean", PER_LANGUAGE: "each", DISCARDED: "discard"}.get(name, "stash")  # "stash": through our strategy
     stock = backward != "stash"
     solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
                "CAGrad on device": (CAGrad(c=0.4), True), "CAGrad on host": (CAGrad(c=0.4), False)}
@@ -253,7 +271,7 @@ def summarize(profile, cuda: bool) -> dict:
 def report(results: list[dict], settings: dict, device: str, command: str) -> str:
     """The markdown report of the configurations run so far (a failed one shows its error)."""
     done = {r["name"]: r for r in results if "error" not in r}
-    stock, mean = (done[n]["step"] if n in done else float("nan") for n in ("stock", "Mean"))
+    stock, mean, floor = (done[n]["step"] if n in done else float("nan") for n in ("stock", "Mean", DISCARDED))
     numel = next((sum(p.numel() for p in r["params"].values()) for r in done.values()), float("nan"))
     lines = [
         "# Bucket-level MOO on one GPU: synchronisation inside the reductions, step time, profile", "",
@@ -263,8 +281,9 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
         f"{settings['precision']}, ZeRO-2 with overlap_comm, reduce_bucket_size {settings['bucket']:,}; "
         f"median of {settings['timed']} steps after {settings['warmup']} warm-up.", "",
         "| configuration | buckets | sync warnings in reductions (calls) | sync warnings in backward passes (calls) |"
-        " step (s) | × stock | × Mean | peak GiB | profile: host ms | device ms | host ms in sync calls |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " step (s) | × stock | × Mean | × four backward passes | peak GiB | profile: host ms | device ms |"
+        " host ms in sync calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
@@ -274,7 +293,7 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
         p = r["profile"]
         peak, device_ms = ("n/a", "n/a") if r["peak"] != r["peak"] else (f"{r['peak']:.1f}", f"{p['device']:.0f}")
         lines.append(f"| {r['name']} | {r['buckets'] or '-'} | {watched[0]} | {watched[1]} | {r['step']:.3f} | "
-                     f"{r['step'] / stock:.2f} | {r['step'] / mean:.2f} | {peak} | {p['host']:.0f} | {device_ms} | "
+                     f"{r['step'] / stock:.2f} | {r['step'] / mean:.2f} | {r['step'] / floor:.2f} | {peak} | {p['host']:.0f} | {device_ms} | "
                      f"{p['syncing']:.1f} |")
     lines.append("")
     for solver in ("MGDA", "CAGrad"):
@@ -297,8 +316,8 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
     lines += [f"- {r['name']}: {r['profile']['top']}" for r in done.values()]
     lines += _beyond(done, "stock", "on_device", "Where the extra device time goes: the operators and kernels with the "
                      "most self device time beyond stock's over the two profiled steps (ms more than stock):")
-    lines += _beyond(done, PER_LANGUAGE, "on_device", "The same beyond stock's with a backward per language (what "
-                     "remains once the backward passes themselves are paid for):")
+    lines += _beyond(done, DISCARDED, "on_device", "The same beyond four backward passes with three discarded (what "
+                     "our code adds once the backward passes themselves are paid for):")
     lines += _beyond(done, "Mean", "on_host", "Where the solvers' extra host time goes: the operators with the most self "
                      "host time beyond Mean's over the two profiled steps (ms more than Mean; Python run inside an "
                      "operator, such as the bucket hook inside AccumulateGrad, counts as its self time):")
@@ -306,11 +325,12 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
 
 
 def _beyond(done: dict, base_name: str, kind: str, title: str) -> list[str]:
-    """The operators with the most profiled time of ``kind`` beyond ``base_name``'s, per configuration."""
+    """The operators with the most profiled time of ``kind`` beyond ``base_name``'s, per configuration (beyond
+    stock: every other one; beyond another: ours only)."""
     if base_name not in done or not done[base_name]["profile"][kind]:
         return []
     base, lines = done[base_name]["profile"][kind], ["", title, ""]
-    for r in (r for r in done.values() if r["name"] not in ("stock", PER_LANGUAGE, base_name)):
+    for r in (r for r in done.values() if r["name"] != base_name and (base_name == "stock" or r["name"] not in STOCK)):
         extra = {k: v - base.get(k, 0.0) for k, v in r["profile"][kind].items()}
         top = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:6]
         lines.append(f"- {r['name']}: " + "; ".join(f"`{k[:60]}` +{v:.1f}" for k, v in top))

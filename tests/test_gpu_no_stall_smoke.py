@@ -17,7 +17,7 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line}
     solvers = ["MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
-    assert {"stock", "stock, a backward per language", "Mean", *solvers} <= set(rows)
+    assert {"stock", "stock, a backward per language", "stock, four backward passes, three discarded", "Mean", *solvers} <= set(rows)
     for name in ["Mean", *solvers]:
         buckets = int(rows[name][2])
         assert buckets > 1, f"{name}: the model was not split into several buckets"
@@ -31,6 +31,12 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     # Stock with a backward per language runs its four backward passes through stock's own reductions.
     per_language = rows["stock, a backward per language"]
     assert per_language[2].strip() == "-" and per_language[4].strip() == "n/a (4)" and float(per_language[5]) > 0
+    # The timing floor: four backward passes (three of them unseen by DeepSpeed) and stock's one reduction per bucket.
+    floor = rows["stock, four backward passes, three discarded"]
+    assert floor[2].strip() == "-" and floor[3].strip() == rows["stock"][3].strip() and floor[4].strip() == "n/a (4)"
+    for name in ["stock", "Mean", *solvers]:  # × four backward passes: the ratio of the step times, to their rounding
+        step, base = float(rows[name][5]), float(floor[5])
+        assert float(rows[name][8]) == pytest.approx(step / base, abs=0.005 + step / base * (0.0005 / step + 0.0005 / base))
     # The device path trains what the host path trains (to rounding), for both solvers.
     diffs = [float(part.split()[0]) for part in out.read_text().split("max relative |Δθ| = ")[1:]]
     assert len(diffs) == 2 and max(diffs) < 1e-4
