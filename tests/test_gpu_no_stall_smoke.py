@@ -1,5 +1,6 @@
 """The prepared GPU check of the solve-on-device path runs end to end (its CPU smoke mode)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     out = tmp_path / "report.md"
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=380)
     assert done.returncode == 0, done.stderr[-3000:]
+    # Every configuration's DeepSpeed engine is gone once it has run (its hooks would otherwise keep it alive).
+    progress = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"name"')]
+    assert len(progress) == 8 and all(p["engines_alive"] == 0 for p in progress), progress
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line}
     solvers = ["MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
     assert {"stock", "stock, a backward per language", "stock, four backward passes, three discarded", "Mean", *solvers} <= set(rows)
