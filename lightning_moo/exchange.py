@@ -60,21 +60,31 @@ class PieceRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def pieces(self, start: int, end: int, like: Tensor) -> list[Tensor]:
-        """Every row's elements ``[start, end)``, row after row, in ``like``'s dtype and device."""
-        out = []
-        for row in self.rows:
-            for offset, piece in row:
-                lo, hi = max(start, offset), min(end, offset + piece.numel())
-                if lo < hi:
-                    out.append(piece[lo - offset : hi - offset].to(device=like.device, dtype=like.dtype))
-        return out
+    def write(self, out: Tensor, start: int, end: int) -> Tensor:
+        """Write every row's elements ``[start, end)``, row after row, to the front of the flat ``out``
+        (in its dtype and device); return the part written.
+
+        Pieces of another dtype (bf16 gradients stashed for an fp32 bucket) are converted by the copy
+        into ``out`` itself: converting them first and then concatenating would write and read the
+        converted rows once more (on a GPU, memory traffic of the size of the stash).
+        """
+        views = [piece[max(start, offset) - offset : min(end, offset + piece.numel()) - offset]
+                 for row in self.rows for offset, piece in row if max(start, offset) < min(end, offset + piece.numel())]
+        written = out[: sum(v.numel() for v in views)]
+        if all(v.dtype == out.dtype and v.device == out.device for v in views):
+            torch.cat(views, out=written)  # one kernel
+            return written
+        k = 0
+        for v in views:
+            written[k : k + v.numel()].copy_(v)
+            k += v.numel()
+        return written
 
     def dense(self, like: Tensor) -> Tensor:
-        """The rows as one [m, n] tensor."""
-        if len(self.rows) == 1 and len(self.rows[0]) == 1:
+        """The rows as one [m, n] tensor in ``like``'s dtype and device."""
+        if len(self.rows) == 1 and len(self.rows[0]) == 1 and self.rows[0][0][1].dtype == like.dtype:
             return self.rows[0][0][1].view(1, -1)
-        return torch.cat(self.pieces(0, like.numel(), like)).view(len(self.rows), -1)
+        return self.write(like.new_empty(len(self.rows) * like.numel()), 0, like.numel()).view(len(self.rows), -1)
 
 
 class Exchange(ABC):
@@ -265,12 +275,14 @@ def _gather_slices(rows: PieceRows, slices: Sequence[Segment], group, like: Tens
     count, length = len(rows), slices[rank].length
     mine = like.new_empty(world * count, length) if out is None else out
     if world == 1:  # the all-to-all would only copy the rows to this rank: copy them straight in
-        torch.cat(rows.pieces(0, length, like), out=mine.view(-1))
+        rows.write(mine.view(-1), 0, length)
         return mine
     if count == 1 and len(rows.rows[0]) == 1:
         send = rows.rows[0][0][1]
     else:  # each destination's slice of all m rows, contiguous
-        send = torch.cat([piece for s in slices for piece in rows.pieces(s.start, s.start + s.length, like)])
+        send, k = like.new_empty(count * like.numel()), 0
+        for s in slices:
+            k += rows.write(send[k:], s.start, s.start + s.length).numel()
     dist.all_to_all_single(mine.view(-1), send, [count * length] * world, [count * s.length for s in slices], group=group)
     return mine
 
