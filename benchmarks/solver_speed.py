@@ -17,7 +17,10 @@ steps on one instance so that stateful solvers run warm; ``weighting.weigh(losse
 loss-based weightings (once per step, not per bucket), on random instances only. Part 2 times, for
 one bucket of ``--elements`` gradient entries and T tasks, the Gram matrix (of the bucket, and of
 each of its parameters, shaped as in a Llama layer) and the weighted combination against the stock
-path (the mean of the T gradients), as ratios measured in the same run.
+path (the mean of the T gradients), as ratios measured in the same run; for float32 also the T×n
+block of one rank training T languages in bf16 (T − 1 gradients stashed in bf16 parameter by
+parameter, the last in the fp32 bucket) assembled both ways: converted then concatenated, as before,
+and converted into place, as the exchange does now.
 
 ``--on-device`` instead counts and times the solvers that solve on the gradients' device
 (``weights_on_device``: MGDA and CAGrad by enumeration, no host read), per bucket: the operators one
@@ -47,6 +50,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lightning_moo.exchange import PieceRows
 from lightning_moo.gram import combine, gram, piece_grams
 from lightning_moo.solvers import BUILTIN, MGDA, CAGrad
 
@@ -143,7 +147,24 @@ def kernel_table(elements: int, T: int, device: str, dtype: torch.dtype, repeats
         ["combine Σ w_t g_t", f"{1e3 * t_comb:.2f}", f"{t_comb / stock:.2f}"],
         ["Gram + MGDA + combine", f"{1e3 * t_both:.2f}", f"{t_both / stock:.2f}"],
     ]
+    if dtype == torch.float32:
+        rows += _stash_rows(grads, pieces, stock, repeats, sync)
     return header, rows
+
+
+def _stash_rows(grads: torch.Tensor, pieces: list[tuple[int, int]], stock: float, repeats: int, sync) -> list[list[str]]:
+    """One rank training T languages in bf16 with fp32 gradient accumulation: T − 1 bf16 gradients
+    stashed parameter by parameter and the fp32 bucket, assembled into the T×n block the exchange
+    works on, both ways: each piece converted, then all concatenated; each converted into place."""
+    stashed = PieceRows([[(a, row[a:b]) for a, b in pieces] for row in grads[:-1].to(torch.bfloat16)] + [[(0, grads[-1])]])
+    block = torch.empty(grads.numel(), device=grads.device, dtype=grads.dtype)
+    views = [piece for row in stashed.rows for _, piece in row]
+    t_cat = median_time(lambda: torch.cat([v.to(grads.dtype) for v in views], out=block), repeats, sync)
+    t_write = median_time(lambda: stashed.write(block, 0, grads.shape[1]), repeats, sync)
+    return [
+        ["T rows, T − 1 of them stashed in bf16: pieces converted, then concatenated", f"{1e3 * t_cat:.2f}", f"{t_cat / stock:.2f}"],
+        ["the same, converted into place (PieceRows.write)", f"{1e3 * t_write:.2f}", f"{t_write / stock:.2f}"],
+    ]
 
 
 #: Operators that only make a view (no kernel, no memory traffic): counted apart from the rest.

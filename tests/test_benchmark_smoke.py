@@ -24,6 +24,9 @@ def test_solver_speed_times_every_registered_solver(tmp_path):
     text = out.read_text()
     timed = [line.split("|")[1].split("(")[0].strip() for line in text.splitlines() if line.startswith("| ")]
     assert {cls.__name__ for cls in BUILTIN} - {"Sum"} <= set(timed)  # Sum costs what Mean does
+    # The bucket kernels, float32 by default: with the assembly of bf16-stashed rows both ways.
+    assert {"Gram matrix", "T rows, T − 1 of them stashed in bf16: pieces converted, then concatenated",
+            "the same, converted into place"} <= set(timed)
 
 
 def test_solver_speed_counts_and_times_the_on_device_solvers(tmp_path):
