@@ -71,6 +71,8 @@ class PieceRows:
         views = [piece[max(start, offset) - offset : min(end, offset + piece.numel()) - offset]
                  for row in self.rows for offset, piece in row if max(start, offset) < min(end, offset + piece.numel())]
         written = out[: sum(v.numel() for v in views)]
+        if not views:  # an empty range: a bucket smaller than the world leaves some ranks' slices empty
+            return written
         if all(v.dtype == out.dtype and v.device == out.device for v in views):
             torch.cat(views, out=written)  # one kernel
             return written

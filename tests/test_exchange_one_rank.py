@@ -82,6 +82,8 @@ def test_piece_rows_write_converts_into_place():
         assert torch.isnan(out[written.numel():]).all()  # nothing past the written part
     same = PieceRows([[(0, torch.tensor(values[0, :4])), (4, torch.tensor(values[0, 4:]))]])
     np.testing.assert_array_equal(same.write(torch.empty(n), 2, n).numpy(), values[0, 2:])
+    for pieces in (rows, same):  # an empty range (a rank's slice of a bucket smaller than the world)
+        assert pieces.write(torch.empty(n), 5, 5).numel() == 0
     np.testing.assert_array_equal(rows.dense(torch.empty(n)).numpy(), exact)
 
 
