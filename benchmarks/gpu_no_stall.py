@@ -81,7 +81,8 @@ SMOKE = dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers
 LANGUAGES = 4
 PER_LANGUAGE = "stock, a backward per language"
 DISCARDED = "stock, four backward passes, three discarded"
-STOCK = ("stock", PER_LANGUAGE, DISCARDED)  # no code of ours on the reduction path
+# The stock configurations (no code of ours on the reduction path) and how each backpropagates.
+STOCK_BACKWARD = {"stock": "mean", PER_LANGUAGE: "each", DISCARDED: "discard"}
 CONFIGURATIONS = ["stock", PER_LANGUAGE, DISCARDED, "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense")
 
@@ -121,7 +122,8 @@ class RandomLlama(pl.LightningModule):
     """Four languages on one rank: a random batch each, the first three stashed (MOO), all four in
     one mean loss (``backward="mean"``, stock), each quarter of it backpropagated on its own
     (``backward="each"``, stock), or the first three languages' gradients computed unseen by
-    DeepSpeed and dropped (``backward="discard"``, stock: the timing floor). ``self.watch`` wraps each backward (by default it does nothing)."""
+    DeepSpeed and dropped (``backward="discard"``, stock: the timing floor). ``self.watch`` wraps
+    each backward (by default it does nothing)."""
 
     def __init__(self, model: dict, batch: int, seq: int, backward: str, device: str) -> None:
         super().__init__()
@@ -231,8 +233,8 @@ def deepspeed_config(bucket: int) -> dict:
 
 
 def train(name: str, settings: dict, cuda: bool) -> dict:
-    backward = {"stock": "mean", PER_LANGUAGE: "each", DISCARDED: "discard"}.get(name, "stash")  # "stash": through our strategy
-    stock = backward != "stash"
+    stock = name in STOCK_BACKWARD
+    backward = STOCK_BACKWARD[name] if stock else "stash"  # "stash": through our strategy
     solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
                "CAGrad on device": (CAGrad(c=0.4), True), "CAGrad on host": (CAGrad(c=0.4), False)}
     config = deepspeed_config(settings["bucket"])
@@ -257,7 +259,7 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
                   profile=summarize(measure.profile, cuda))
     # DeepSpeed's gradient hooks on the parameters keep the engine alive after fit (a cycle through
     # autograd that Python's collector cannot see): ~14 GiB of device memory per configuration for
-    # the 1B model, 98 GiB held by the eighth. Removing them lets gc free it.
+    # the 1B model, 98 GiB held when the eighth starts. Removing them lets gc free it.
     strategy.deepspeed_engine.destroy()
     return result
 
@@ -336,7 +338,7 @@ def _beyond(done: dict, base_name: str, kind: str, title: str) -> list[str]:
     if base_name not in done or not done[base_name]["profile"][kind]:
         return []
     base, lines = done[base_name]["profile"][kind], ["", title, ""]
-    for r in (r for r in done.values() if r["name"] != base_name and (base_name == "stock" or r["name"] not in STOCK)):
+    for r in (r for r in done.values() if r["name"] != base_name and (base_name == "stock" or r["name"] not in STOCK_BACKWARD)):
         extra = {k: v - base.get(k, 0.0) for k, v in r["profile"][kind].items()}
         top = sorted(extra.items(), key=lambda kv: kv[1], reverse=True)[:6]
         lines.append(f"- {r['name']}: " + "; ".join(f"`{k[:60]}` +{v:.1f}" for k, v in top))
