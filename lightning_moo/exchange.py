@@ -68,12 +68,15 @@ class PieceRows:
         into ``out`` itself: converting them first and then concatenating would write and read the
         converted rows once more (on a GPU, memory traffic of the size of the stash).
         """
-        views = [piece[max(start, offset) - offset : min(end, offset + piece.numel()) - offset]
-                 for row in self.rows for offset, piece in row if max(start, offset) < min(end, offset + piece.numel())]
+        views = []
+        for row in self.rows:
+            for offset, piece in row:
+                lo, hi = max(start, offset), min(end, offset + piece.numel())
+                if lo < hi:
+                    views.append(piece[lo - offset : hi - offset])
         written = out[: sum(v.numel() for v in views)]
-        if not views:  # an empty range: a bucket smaller than the world leaves some ranks' slices empty
-            return written
-        if all(v.dtype == out.dtype and v.device == out.device for v in views):
+        # No views: an empty range (a bucket smaller than the world leaves some ranks' slices empty).
+        if views and all(v.dtype == out.dtype and v.device == out.device for v in views):
             torch.cat(views, out=written)  # one kernel
             return written
         k = 0
