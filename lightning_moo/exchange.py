@@ -80,8 +80,9 @@ class PieceRows:
             torch.cat(views, out=written)  # one kernel
             return written
         k = 0
+        upload = not out.is_cpu  # from host memory (a stash_device="cpu" stash): asynchronous where pinned
         for v in views:
-            written[k : k + v.numel()].copy_(v)
+            written[k : k + v.numel()].copy_(v, non_blocking=upload)
             k += v.numel()
         return written
 

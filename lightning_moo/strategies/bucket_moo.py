@@ -28,6 +28,23 @@ Mode = Literal["bucket", "global", "global_two_pass"]
 _LINEAR_SOLVERS = (Mean, Sum)
 
 
+def stash_copy(grad: Tensor, device: Optional[str]) -> Tensor:
+    """``grad`` where the stash lives (``None``: where it is).
+
+    A CUDA gradient stashed in host memory goes to pinned memory by an asynchronous copy. A copy to
+    pageable memory makes the host wait for the backward at every parameter, and the exchange's
+    copies back would wait again inside every bucket's reduction. The stashed tensor is read only by
+    those copies back, which run on a stream that waits for this one; PyTorch's pinned-memory
+    allocator reuses a block only once the copies recorded on it have finished.
+    """
+    if device is None:
+        return grad
+    target = torch.device(device)
+    if target.type == "cpu" and grad.is_cuda:
+        return torch.empty(grad.shape, dtype=grad.dtype, pin_memory=True).copy_(grad, non_blocking=True)
+    return grad.to(target)
+
+
 class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeedStrategy):
     """DeepSpeed ZeRO stage 1, 2 or 3 with one language per rank (or per group of k ranks) and a MOO
     solver per gradient bucket.
@@ -55,8 +72,9 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             and the solver are those of a T-rank run).
         stash_device: where the m - 1 stashed gradients of a rank with several languages live;
             default the model's device (m - 1 extra gradient copies there). ``"cpu"`` keeps them in
-            host memory and moves one bucket's worth at a time to the device: device memory then
-            grows by m - 1 buckets instead of m - 1 models, at the cost of host-device copies.
+            pinned host memory and moves one bucket's worth at a time to the device: device memory
+            then grows by m - 1 buckets instead of m - 1 models, at the cost of host-device copies
+            (asynchronous ones: the host does not wait for them).
         target_buckets: about this many buckets per step: ``reduce_bucket_size`` becomes the
             trainable parameter count divided by it (replacing any ``reduce_bucket_size`` given). For
             LoRA, whose gradients fit one default-sized bucket even for a 70B model. A run with fewer
@@ -137,8 +155,7 @@ class BucketMOOStrategy(LanguageLosses, SolverStateInCheckpoints, StockDeepSpeed
             return
         params = [p for p in self.deepspeed_engine.module.parameters() if p.requires_grad]
         grads = self._invisible_grad(loss, params, retain_graph=False)
-        device = self.stash_device
-        self.hook.stash.append({id(p): g if device is None else g.to(device) for p, g in zip(params, grads)})
+        self.hook.stash.append({id(p): stash_copy(g, self.stash_device) for p, g in zip(params, grads)})
 
     def init_deepspeed(self) -> None:
         self._check_config()
