@@ -1,4 +1,5 @@
-"""Does bucket-level MOO stall the GPU? One run on one GPU (5.5 minutes on an H200 with six of its eight configurations: benchmarks/results/gpu_no_stall.md).
+"""Does bucket-level MOO stall the GPU? One run on one GPU (on an H200, 5.5 minutes for six of its nine
+configurations, so about 8.5 for all: benchmarks/results/gpu_no_stall.md).
 
     python benchmarks/gpu_no_stall.py --out benchmarks/results/gpu_no_stall.md
     python benchmarks/gpu_no_stall.py --smoke --out /tmp/smoke.md      # a tiny model (CPU: ~1 minute)
@@ -22,6 +23,9 @@ Configurations, each in a fresh Trainer of the same process:
   solve and the combination);
 - ``Mean``: our strategy with ``Mean``: the same four backward passes as the MOO runs, so
   ``× Mean`` isolates what the solver and its synchronisation cost;
+- ``Mean, stash in host memory``: the same with ``stash_device="cpu"`` (the three stashed gradients
+  in pinned host memory, copied back one bucket at a time): whether those copies wait for the
+  device, what they cost, the device memory they save; it must train exactly what ``Mean`` trains;
 - ``MGDA on device``: MGDA solved on the GPU by enumeration (the default on CUDA for T ≤ 12);
 - ``MGDA on host``: the exact active-set solver on a float64 host copy of the Gram (``on_device=False``);
 - ``CAGrad on device`` / ``CAGrad on host``: the same for CAGrad (c = 0.4).
@@ -81,9 +85,11 @@ SMOKE = dict(model=dict(hidden_size=64, intermediate_size=176, num_hidden_layers
 LANGUAGES = 4
 PER_LANGUAGE = "stock, a backward per language"
 DISCARDED = "stock, four backward passes, three discarded"
+HOST_STASH = "Mean, stash in host memory"
 # The stock configurations (no code of ours on the reduction path) and how each backpropagates.
 STOCK_BACKWARD = {"stock": "mean", PER_LANGUAGE: "each", DISCARDED: "discard"}
-CONFIGURATIONS = ["stock", PER_LANGUAGE, DISCARDED, "Mean", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
+CONFIGURATIONS = ["stock", PER_LANGUAGE, DISCARDED, "Mean", HOST_STASH, "MGDA on device", "MGDA on host", "CAGrad on device",
+                  "CAGrad on host"]
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense")
 
 
@@ -235,14 +241,15 @@ def deepspeed_config(bucket: int) -> dict:
 def train(name: str, settings: dict, cuda: bool) -> dict:
     stock = name in STOCK_BACKWARD
     backward = STOCK_BACKWARD[name] if stock else "stash"  # "stash": through our strategy
-    solvers = {"Mean": (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
+    solvers = {"Mean": (Mean(), None), HOST_STASH: (Mean(), None), "MGDA on device": (MGDA(), True), "MGDA on host": (MGDA(), False),
                "CAGrad on device": (CAGrad(c=0.4), True), "CAGrad on host": (CAGrad(c=0.4), False)}
     config = deepspeed_config(settings["bucket"])
     if stock:
         strategy = StockDeepSpeedStrategy(config=config)
     else:
         solver, on_device = solvers[name]
-        strategy = BucketMOOStrategy(solver=solver, languages=LANGUAGES, on_device=on_device, config=config)
+        strategy = BucketMOOStrategy(solver=solver, languages=LANGUAGES, on_device=on_device, config=config,
+                                     stash_device="cpu" if name == HOST_STASH else None)
     held = torch.cuda.memory_allocated() if cuda else 0  # what earlier configurations left
     module = RandomLlama(settings["model"], settings["batch"], settings["seq"], backward, "cuda" if cuda else "cpu")
     measure = Measure(settings["warmup"], settings["timed"], cuda)
@@ -313,6 +320,10 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
                    for n in host_params)
         lines.append(f"{solver} on device vs on host after {settings['warmup'] + settings['timed'] + 2} steps: "
                      f"max relative |Δθ| = {diff:.2e}")
+    if "Mean" in done and HOST_STASH in done:  # the stash's bf16/fp32 values go to the host and back unchanged
+        diff = max(float((done[HOST_STASH]["params"][n] - p).abs().max()) for n, p in done["Mean"]["params"].items())
+        lines.append(f"{HOST_STASH} vs Mean after {settings['warmup'] + settings['timed'] + 2} steps: "
+                     f"max |Δθ| = {diff:.2e} (0 expected: the same arithmetic)")
     lines += ["", "Where the synchronisation warnings came from (file:line, message: count):", ""]
     for r in done.values():
         for label, watch in (("reductions", r["in_reductions"]), ("backward", r["in_backward"])):

@@ -18,9 +18,9 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # Every configuration's DeepSpeed engine is gone once it has run (its hooks would otherwise keep it alive).
     progress = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"name"')]
-    assert len(progress) == 8 and all(p["engines_alive"] == 0 for p in progress), progress
+    assert len(progress) == 9 and all(p["engines_alive"] == 0 for p in progress), progress
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line}
-    solvers = ["MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
+    solvers = ["Mean, stash in host memory", "MGDA on device", "MGDA on host", "CAGrad on device", "CAGrad on host"]
     assert {"stock", "stock, a backward per language", "stock, four backward passes, three discarded", "Mean", *solvers} <= set(rows)
     for name in ["Mean", *solvers]:
         buckets = int(rows[name][2])
@@ -44,6 +44,8 @@ def test_gpu_no_stall_smoke_mode(tmp_path):
     # The device path trains what the host path trains (to rounding), for both solvers.
     diffs = [float(part.split()[0]) for part in out.read_text().split("max relative |Δθ| = ")[1:]]
     assert len(diffs) == 2 and max(diffs) < 1e-4
+    # The stash in host memory goes there and back unchanged: the same parameters as Mean's.
+    assert "Mean, stash in host memory vs Mean after 7 steps: max |Δθ| = 0.00e+00" in out.read_text()
     # The solver and kernel tables measured on the same device come with it.
     text = out.read_text()
     assert "### On-device solvers" in text and "| MGDA | operators per call" in text
