@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `experiments` importable
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
 from experiments import report, run_all  # noqa: E402
 from lightning_moo.data import MultilingualDataModule  # noqa: E402
@@ -201,11 +202,17 @@ class Study:
         if self.cuda:
             info["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
-        del trainer, strategy, module
+        # DeepSpeed's gradient hooks on the parameters keep its engine (fp32 master weights, optimizer
+        # states) alive after fit, through a cycle via autograd that Python's collector cannot see:
+        # without this every run would leave its engine in device memory for the rest of the study.
+        strategy.deepspeed_engine.destroy()
+        del trainer, strategy, module, data
         return self._finish(directory, scores, info)
 
     def _finish(self, directory: Path, scores: dict, info: dict) -> dict:
         gc.collect()
+        # 0 when nothing of this run holds memory any more (each run is a fresh Trainer in this process).
+        info["engines_alive"] = sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
         if self.cuda:
             torch.cuda.empty_cache()
         directory.mkdir(parents=True, exist_ok=True)

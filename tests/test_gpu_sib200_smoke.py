@@ -27,6 +27,8 @@ def test_gpu_sib200_smoke_mode(tmp_path):
     runs = {(d["method"], d["seed"]): (path.parent, d) for path in out.glob("runs/sib200/test/**/done.json")
             if (d := json.loads(path.read_text()))}
     assert set(runs) == {("base", 0)} | {(m, s) for m in METHODS for s in (0, 1)}
+    # Every run in this one process freed its DeepSpeed engine (device memory, on a GPU) before the next.
+    assert all(d["engines_alive"] == 0 for _, d in runs.values()), {k: d["engines_alive"] for k, (_, d) in runs.items()}
     rows = list(csv.DictReader(open(out / "sib200_per_seed.csv")))
     languages = 11  # the config's 8 seen and 3 unseen languages, plus the seen and unseen means per run
     assert len(rows) == len(runs) * (languages + 2)
