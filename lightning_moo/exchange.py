@@ -80,7 +80,9 @@ class PieceRows:
             torch.cat(views, out=written)  # one kernel
             return written
         k = 0
-        upload = not out.is_cpu  # from host memory (a stash_device="cpu" stash): asynchronous where pinned
+        # From host memory (a stash_device="cpu" stash): asynchronous where pinned, and PyTorch then
+        # converts a bf16 piece for an fp32 bucket on the device (a blocking copy converts on the host).
+        upload = not out.is_cpu
         for v in views:
             written[k : k + v.numel()].copy_(v, non_blocking=upload)
             k += v.numel()
