@@ -90,8 +90,9 @@ class PieceRows:
 
     def dense(self, like: Tensor) -> Tensor:
         """The rows as one [m, n] tensor in ``like``'s dtype and device."""
-        if len(self.rows) == 1 and len(self.rows[0]) == 1 and self.rows[0][0][1].dtype == like.dtype:
-            return self.rows[0][0][1].view(1, -1)
+        only = self.rows[0][0][1] if len(self.rows) == 1 and len(self.rows[0]) == 1 else None
+        if only is not None and only.dtype == like.dtype and only.device == like.device:
+            return only.view(1, -1)
         return self.write(like.new_empty(len(self.rows) * like.numel()), 0, like.numel()).view(len(self.rows), -1)
 
 
