@@ -238,6 +238,11 @@ def deepspeed_config(bucket: int) -> dict:
             "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
 
 
+def trained_steps(settings: dict) -> int:
+    """Warm-up, timed, and the two profiled steps."""
+    return settings["warmup"] + settings["timed"] + 2
+
+
 def train(name: str, settings: dict, cuda: bool) -> dict:
     stock = name in STOCK_BACKWARD
     backward = STOCK_BACKWARD[name] if stock else "stash"  # "stash": through our strategy
@@ -253,7 +258,7 @@ def train(name: str, settings: dict, cuda: bool) -> dict:
     held = torch.cuda.memory_allocated() if cuda else 0  # what earlier configurations left
     module = RandomLlama(settings["model"], settings["batch"], settings["seq"], backward, "cuda" if cuda else "cpu")
     measure = Measure(settings["warmup"], settings["timed"], cuda)
-    steps = settings["warmup"] + settings["timed"] + 2
+    steps = trained_steps(settings)
     pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy, precision=settings["precision"],
                max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, use_distributed_sampler=False, callbacks=[measure]
@@ -311,6 +316,7 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
                      f"{r['step'] / stock:.2f} | {r['step'] / mean:.2f} | {r['step'] / floor:.2f} | {peak} | {p['host']:.0f} | {device_ms} | "
                      f"{p['syncing']:.1f} |")
     lines.append("")
+    steps = trained_steps(settings)
     for solver in ("MGDA", "CAGrad"):
         pair = [done.get(f"{solver} on {where}") for where in ("device", "host")]
         if None in pair:
@@ -318,11 +324,11 @@ def report(results: list[dict], settings: dict, device: str, command: str) -> st
         device_params, host_params = pair[0]["params"], pair[1]["params"]
         diff = max(float(((device_params[n] - host_params[n]).abs() / host_params[n].abs().max().clamp_min(1e-12)).max())
                    for n in host_params)
-        lines.append(f"{solver} on device vs on host after {settings['warmup'] + settings['timed'] + 2} steps: "
+        lines.append(f"{solver} on device vs on host after {steps} steps: "
                      f"max relative |Δθ| = {diff:.2e}")
     if "Mean" in done and HOST_STASH in done:  # the stash's bf16/fp32 values go to the host and back unchanged
         diff = max(float((done[HOST_STASH]["params"][n] - p).abs().max()) for n, p in done["Mean"]["params"].items())
-        lines.append(f"{HOST_STASH} vs Mean after {settings['warmup'] + settings['timed'] + 2} steps: "
+        lines.append(f"{HOST_STASH} vs Mean after {steps} steps: "
                      f"max |Δθ| = {diff:.2e} (0 expected: the same arithmetic)")
     lines += ["", "Where the synchronisation warnings came from (file:line, message: count):", ""]
     for r in done.values():
